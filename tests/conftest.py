@@ -1,0 +1,51 @@
+"""Shared test fixtures: tiny causal LMs of the three supported layouts, built offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+ARCHITECTURES = ("gpt2", "opt", "llama")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs large installed assets (e.g. the SmolLM2 GGUF)")
+
+
+def make_tiny_lm(arch: str, vocab_size: int, num_layers: int = 2, seed: int = 0, init_std: float = 0.02):
+    """A randomly initialised causal LM with hidden size 16, in eval mode, float32.
+
+    A large ``init_std`` (e.g. 0.5) gives peaked next-token distributions, so two seeds give
+    clearly different models.
+    """
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=16, n_layer=num_layers, n_head=2, n_positions=64,
+            initializer_range=init_std, bos_token_id=0, eos_token_id=1,
+        )
+        model = GPT2LMHeadModel(config)
+    elif arch == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=num_layers,
+            ffn_dim=32, num_attention_heads=2, max_position_embeddings=64, init_std=init_std,
+            pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        )
+        model = OPTForCausalLM(config)
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+            initializer_range=init_std, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_lm():
+    """The :func:`make_tiny_lm` factory."""
+    return make_tiny_lm

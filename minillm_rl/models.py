@@ -101,16 +101,7 @@ def gguf_to_hf(gguf_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.Pa
         raise ValueError(f"gguf_to_hf: {out_dir} exists but is not a complete model; remove it")
     model = load_causal_lm(gguf_dir, torch.float32, gguf_file=gguf_file)
     tokenizer = load_tokenizer(gguf_dir, gguf_file=gguf_file)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return save_model_dir(model, tokenizer, out_dir)
 
 
 def find_smollm2_gguf() -> Path:
@@ -210,3 +201,40 @@ def check_tokenizers_compatible(teacher_tokenizer, student_tokenizer) -> None:
         raise ValueError(f"tokenizers differ in special token ids: teacher {teacher_special}, student {student_special}")
     if teacher_tokenizer.chat_template != student_tokenizer.chat_template:
         raise ValueError("tokenizers differ in their chat template")
+
+
+def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: str | os.PathLike,
+                 gguf_file: str | None = None) -> Path:
+    """Write a layer-pruned student (evenly spaced teacher layers) and the teacher's tokenizer to
+    ``out_dir`` (atomically). The student needs SFT before it is any use."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} already exists; expected a new output directory")
+    teacher = load_causal_lm(teacher_source, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(teacher_source, gguf_file=gguf_file)
+    n_total = len(teacher.get_submodule(_layer_stack_path(teacher)))
+    student = prune_student(teacher, evenly_spaced_layers(n_total, num_layers))
+    return save_model_dir(student, tokenizer, out_dir)
+
+
+def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` model and tokenizer into a temporary sibling, then rename it to
+    ``out_dir`` (replacing an older one), so readers never see a half-written model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        if out_dir.exists():
+            # Keep the old model until the new one is in place (a rename, not a copy).
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old_dir / "model")
+            os.replace(tmp_dir, out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir

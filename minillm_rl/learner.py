@@ -1,0 +1,356 @@
+"""The DeepSpeed learner: process-group start-up, the ZeRO engine over the student, data-parallel
+MiniLLM rounds, weight export and checkpoints.
+
+The training loops in :mod:`minillm_rl.trainer` only talk to an engine's ``backward`` / ``step``,
+so the DeepSpeed engine built here runs the same loss code as the single-process
+:class:`~minillm_rl.trainer.engine.TorchEngine`.
+
+Data parallelism (``data_parallel_ppo_round``): every rank holds the whole round of rollouts and
+draws the same seeded global permutation; a global micro-batch of ``W * m`` rows (``W`` ranks,
+micro-batch ``m`` per rank) is split across the ranks, and each rank's token-mean loss is scaled
+by ``its valid tokens * W / all valid tokens of the global micro-batch``. DeepSpeed averages the
+gradients over the ranks, so each optimizer step follows the gradient of the token mean over the
+global micro-batch: ``W`` ranks x micro-batch ``m`` is the same optimisation as 1 rank x ``W * m``.
+Advantage whitening is pooled over the same ranks (``group``), so it matches too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minillm_rl.advantages import AdvantageConfig
+from minillm_rl.rollout.sampler import Rollout, SamplingConfig
+from minillm_rl.trainer.engine import OptimConfig, lr_factor
+from minillm_rl.trainer.minillm import (
+    MiniLLMLossConfig,
+    minillm_micro_batch_loss,
+    select_rows,
+)
+
+DEFAULT_EXPORT_BUCKET_NUMEL = 50_000_000  # 200 MB of fp32 gathered at a time under ZeRO-3
+# DeepSpeed merges client_state into its own checkpoint dict (keys like "global_steps", "module"),
+# so the caller's state travels under one key of its own and cannot clobber or be filtered out.
+CLIENT_STATE_KEY = "minillm_rl_client_state"
+
+
+# --------------------------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables
+    that ``environ`` lacks for an ``env://`` rendezvous.
+
+    - ``deepspeed`` launcher and ``torchrun`` set ``RANK`` themselves: nothing to add but defaults.
+    - ``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; the master is
+      ``MASTER_ADDR`` if the batch script exported it, else the node ``srun`` was started from,
+      and the port is derived from the job id so concurrent jobs on a node do not collide.
+    - No launcher: a world of one on this host, on a free port.
+    """
+    added: dict[str, str] = {}
+    if "RANK" not in environ and "SLURM_PROCID" in environ:
+        for name, slurm_name in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS")):
+            if slurm_name not in environ:
+                raise ValueError(f"srun launch: {slurm_name} is not set (needed for {name})")
+            added[name] = environ[slurm_name]
+        added["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in environ:
+            if "SLURM_LAUNCH_NODE_IPADDR" not in environ:
+                raise ValueError("srun launch: set MASTER_ADDR (neither it nor SLURM_LAUNCH_NODE_IPADDR is set)")
+            added["MASTER_ADDR"] = environ["SLURM_LAUNCH_NODE_IPADDR"]
+        if "MASTER_PORT" not in environ:
+            added["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    elif "RANK" not in environ:
+        added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        if "MASTER_ADDR" not in environ:
+            added["MASTER_ADDR"] = "127.0.0.1"
+        if "MASTER_PORT" not in environ:
+            added["MASTER_PORT"] = str(_free_port())
+    else:
+        added["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
+    merged = {**environ, **added}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        value = merged.get(name)
+        if value is None or not value.isdigit():
+            raise ValueError(f"distributed launch: {name}={value!r}; expected a non-negative integer")
+    if int(merged["RANK"]) >= int(merged["WORLD_SIZE"]):
+        raise ValueError(f"distributed launch: RANK={merged['RANK']} must be < WORLD_SIZE={merged['WORLD_SIZE']}")
+    return {name: value for name, value in added.items() if environ.get(name) != value}
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join (or create) the learners' process group; returns ``(rank, world_size)``.
+
+    gloo when DeepSpeed's accelerator is the CPU (``DS_ACCELERATOR=cpu``), the accelerator's
+    backend (NCCL on CUDA) otherwise. ``timeout_s`` bounds every collective, so a dead rank
+    surfaces as an error instead of a hang. Idempotent.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.update(launcher_env(os.environ))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   auto_mpi_discovery=False, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------
+
+def resolve_ds_config(ds_config: str | os.PathLike | Mapping[str, Any], optim: OptimConfig,
+                      micro_batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict to train with: the file's ZeRO / precision settings plus the
+    recipe's batch size and gradient clipping.
+
+    The recipe owns the batch size, the optimizer and the schedule; a file that states them
+    differently is refused rather than silently overridden. Batch keys may be ``"auto"`` (filled
+    from the recipe, as the shipped ``ds_configs/`` files do).
+    """
+    if isinstance(ds_config, Mapping):
+        source, config = "ds config dict", copy.deepcopy(dict(ds_config))
+    else:
+        source = f"ds config {ds_config}"
+        try:
+            config = json.loads(Path(ds_config).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{source}: file not found") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object at the top level, got {type(config).__name__}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ValueError(f"{source}: remove the '{section}' section; the recipe's optim settings define it")
+    expected = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+                "train_batch_size": micro_batch_size * world_size}
+    for key, value in expected.items():
+        if key in config and config[key] not in ("auto", value):
+            raise ValueError(
+                f"{source}: {key}={config[key]!r} contradicts the recipe (micro-batch {micro_batch_size} per rank, "
+                f"{world_size} ranks, one optimizer step per micro-batch): expected {value}"
+            )
+    if config.get("gradient_clipping", "auto") not in ("auto", float(optim.grad_clip)):
+        raise ValueError(
+            f"{source}: gradient_clipping={config['gradient_clipping']!r} contradicts optim.grad_clip={optim.grad_clip}"
+        )
+    config.update(expected)
+    config["gradient_clipping"] = float(optim.grad_clip)
+    return config
+
+
+def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[str, Any], optim: OptimConfig,
+                 micro_batch_size: int):
+    """``deepspeed.initialize`` over ``model`` with AdamW and the warm-up + constant/cosine
+    schedule of :func:`~minillm_rl.trainer.engine.lr_factor` (the TorchEngine's, step for step).
+
+    A torch AdamW (not DeepSpeed's fused/CPU Adam) keeps the math identical to the single-process
+    engine and needs no compiled op; configs that offload the optimizer set
+    ``zero_force_ds_cpu_optimizer: false`` to allow it. Call :func:`init_distributed` first.
+    """
+    import deepspeed
+
+    _, world_size = _rank_and_world()
+    config = resolve_ds_config(ds_config, optim, micro_batch_size, world_size)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    schedule = functools.partial(lr_factor, cfg=optim)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        # DeepSpeed hands the callable its base optimizer, whose param groups carry the lr.
+        lr_scheduler=lambda base_optimizer: torch.optim.lr_scheduler.LambdaLR(base_optimizer, schedule),
+        config=config,
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel MiniLLM round
+# --------------------------------------------------------------------------------------------
+
+def global_micro_batches(batch_size: int, micro_batch_size: int, world_size: int,
+                         generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of global micro-batches: row indices ``[<= W * m]`` of a seeded permutation of
+    the round. The permutation draws the same ``randperm`` as the single-process ``ppo_round``,
+    so the row order of a round does not depend on the world size."""
+    order = torch.randperm(batch_size, generator=generator)
+    step = micro_batch_size * world_size
+    for start in range(0, batch_size, step):
+        yield order[start : start + step]
+
+
+def rank_rows(global_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of a global micro-batch (strided, so a short last micro-batch whose size
+    is a multiple of ``world_size`` still gives every rank rows)."""
+    return global_rows[rank::world_size]
+
+
+def _check_same_round(rollout: Rollout, group: dist.ProcessGroup | None, world_size: int,
+                      device: torch.device) -> None:
+    """Every rank must pass the same round: compare batch size and policy version across ranks."""
+    local = torch.tensor([rollout.response_ids.shape[0], rollout.policy_version], dtype=torch.long, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=group)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise ValueError(
+                f"data_parallel_ppo_round: rank {rank} got (rows, policy_version)={tuple(other.tolist())}, "
+                f"rank 0 {tuple(gathered[0].tolist())}; every rank must pass the same round of rollouts"
+            )
+
+
+def data_parallel_ppo_round(
+    engine,
+    rollout: Rollout,
+    sampling: SamplingConfig,
+    advantage_cfg: AdvantageConfig,
+    loss_cfg: MiniLLMLossConfig,
+    ppo_epochs: int,
+    micro_batch_size: int,
+    generator: torch.Generator,
+    group: dist.ProcessGroup | None = None,
+) -> list[dict[str, float]]:
+    """``ppo_epochs`` passes over the round, one optimizer step per global micro-batch.
+
+    Args:
+        engine: a DeepSpeed engine (or a ``TorchEngine`` when no process group is up).
+        rollout: the whole round, identical on every rank (``B`` rows, ``B`` divisible by the
+            number of ranks ``W``), on any device: each micro-batch is moved to the engine's.
+        micro_batch_size: rows per rank per step (``m``); each optimizer step sees ``W * m`` rows.
+        generator: seeded identically on every rank (it draws the shared permutation).
+        group: the data-parallel group (``None``: the world).
+
+    Returns:
+        One stats dict per step, in order. ``loss`` is the global micro-batch's token-mean loss
+        (the same on every rank); the other entries describe this rank's rows only.
+    """
+    rank, world_size = _rank_and_world(group)
+    batch_size = rollout.response_ids.shape[0]
+    if batch_size % world_size:
+        raise ValueError(f"data_parallel_ppo_round: {batch_size} rollouts cannot be split over {world_size} ranks "
+                         f"(the round size must be a multiple of the number of ranks)")
+    device = getattr(engine, "device", torch.device("cpu"))  # DeepSpeed's; TorchEngine runs on CPU
+    if world_size > 1:
+        _check_same_round(rollout, group, world_size, device)
+    history = []
+    for epoch in range(ppo_epochs):
+        for global_rows in global_micro_batches(batch_size, micro_batch_size, world_size, generator):
+            micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
+            lr = engine.get_lr()[0]
+            loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
+            tokens = micro.response_mask.sum().double()
+            # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
+            # the scale that turns DeepSpeed's mean over ranks into that token mean.
+            totals = torch.stack([tokens, tokens * loss.detach().double()])
+            if world_size > 1:
+                dist.all_reduce(totals, group=group)
+            total_tokens = totals[0].clamp(min=1.0)
+            engine.backward(loss * (tokens * world_size / total_tokens).to(loss.dtype))
+            engine.step()
+            stats.update({
+                "loss": (totals[1] / total_tokens).item(),
+                "tokens": totals[0].item(),
+                "lr": float(lr),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "ppo_epoch": epoch,
+            })
+            history.append(stats)
+    return history
+
+
+# --------------------------------------------------------------------------------------------
+# Weight export and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _parameter_buckets(named_parameters: list[tuple[str, torch.nn.Parameter]],
+                       bucket_numel: int) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    """Consecutive groups of at most ``bucket_numel`` elements (a larger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, param in named_parameters:
+        numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 params are empty until gathered
+        if bucket and size + numel > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += numel
+    if bucket:
+        yield bucket
+
+
+def export_student_state(engine, bucket_numel: int = DEFAULT_EXPORT_BUCKET_NUMEL) -> dict[str, torch.Tensor] | None:
+    """The student's full state dict as fp32 CPU tensors on rank 0, ``None`` on other ranks.
+
+    Collective under ZeRO-3: every rank must call it. Parameters are gathered ``bucket_numel``
+    elements at a time, so peak extra memory is one bucket, not the model. Tied parameters (e.g.
+    an LM head sharing the embedding) appear once, under their first name in
+    ``named_parameters`` order; loaders re-tie them. These are the weights the forward uses:
+    the master weights in fp32 training, the 16-bit compute weights upcast under bf16/fp16.
+    """
+    import deepspeed
+
+    module = engine.module
+    rank, _ = _rank_and_world()
+    partitioned = engine.zero_optimization_partition_weights()
+    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    for bucket in _parameter_buckets(list(module.named_parameters()), bucket_numel):
+        params = [param for _, param in bucket]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
+            if state is not None:
+                for name, param in bucket:
+                    state[name] = param.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    if state is not None:
+        persistent = module.state_dict(keep_vars=True).keys()
+        for name, buffer in module.named_buffers():
+            if name in persistent:
+                state[name] = buffer.detach().to(device="cpu", copy=True)
+    return state
+
+
+def save_checkpoint(engine, directory: str | os.PathLike, tag: str, client_state: dict | None = None) -> None:
+    """DeepSpeed's checkpoint (module, optimizer, scheduler, ZeRO partitions) plus ``client_state``
+    (step, RNG states, data position, ...). Collective: every rank calls it."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_STATE_KEY: client_state or {}})
+
+
+def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote (``tag=None``: the latest) into a freshly built
+    engine (ZeRO-3 cannot load into an engine that already trained); returns ``client_state``."""
+    target = Path(directory) / tag if tag is not None else Path(directory) / "latest"
+    if not target.exists():
+        raise ValueError(f"load_checkpoint: no checkpoint {target} (expected a directory written by save_checkpoint)")
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise ValueError(f"load_checkpoint: DeepSpeed could not load {target}")
+    return client_state[CLIENT_STATE_KEY]

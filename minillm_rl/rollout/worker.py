@@ -1,0 +1,310 @@
+"""The rollout worker: a frozen teacher and a versioned student copy that generate rollouts.
+
+:class:`RolloutWorker` is a plain class (tested without Ray); :func:`make_rollout_worker` starts
+it as a restartable Ray actor. The client helpers :func:`call_with_timeout` and
+:func:`broadcast_student_weights` are what the coordinator uses to talk to the actors.
+
+Versions: a worker starts at :data:`UNSYNCED_VERSION` (-1) with the student its spec describes,
+and only ``load_student_weights`` sets a real version. Ray restarts a killed actor by running the
+constructor again, so a restarted worker reports -1 from :meth:`RolloutWorker.policy_version`;
+the coordinator re-sends the current weights. A call retried by Ray on the restarted actor then
+fails the version check instead of generating with the wrong weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minillm_rl.batching import left_pad
+from minillm_rl.evaluation import EvalConfig, generate_responses
+from minillm_rl.forward import position_ids_from_mask
+from minillm_rl.models import load_causal_lm, load_tokenizer
+from minillm_rl.replay import put_blocking
+from minillm_rl.rollout.sampler import Rollout, SamplingConfig, sample_rollouts
+from minillm_rl.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
+
+UNSYNCED_VERSION = -1
+
+# Set by the deepspeed/torchrun launchers in the learner's environment, which Ray worker
+# processes inherit; an actor that saw them could join (or hang on) the learners' process group.
+LAUNCHER_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# A model or tokenizer: a local HF directory / hub name, or a picklable zero-argument builder.
+Spec = str | os.PathLike | Callable[[], Any]
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs (temperature 1, full vocabulary) for a plain-text batch.
+
+    Full mode: ``logprobs [B, L, V]`` float32. Top-K mode: ``topk_logprobs [B, L, K]`` float32
+    and ``topk_ids [B, L, K]`` long. Position ``i`` predicts token ``i + 1``; padded positions
+    hold 0.
+    """
+
+    logprobs: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+    topk_ids: torch.Tensor | None
+
+
+def _build(spec: Spec, what: str, loader: Callable[[str], Any]) -> Any:
+    if callable(spec):
+        return spec()
+    if isinstance(spec, (str, os.PathLike)):
+        return loader(spec)
+    raise ValueError(f"RolloutWorker: {what} spec must be a path or a callable, got {type(spec).__name__}")
+
+
+def _special_ids(tokenizer, student) -> tuple[int | list[int] | None, int]:
+    """``(eos_token_id, pad_token_id)`` from the tokenizer, else from the student's config."""
+    if tokenizer is not None:
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+    else:
+        eos = student.generation_config.eos_token_id
+        if eos is None:
+            eos = student.config.eos_token_id
+        pad = student.config.pad_token_id
+    if pad is None:
+        first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        pad = 0 if first_eos is None else first_eos
+    return eos, pad
+
+
+class RolloutWorker:
+    """A frozen teacher and a student copy at a known policy version, on one device.
+
+    Args:
+        teacher_spec, student_spec: HF directory (or hub name) or a picklable builder callable.
+        tokenizer_spec: path or builder of the shared tokenizer; needed for
+            :meth:`generate_for_eval`; without it EOS/pad come from the student's config.
+        threads: ``torch.set_num_threads`` for this process (Ray actors default to 1).
+        seed: global torch seed set before the models are built (builders that initialise
+            randomly then give the same weights after a restart).
+        dtype: dtype for models loaded from a path.
+        device: where the models live (``"cuda"`` in a GPU actor: Ray narrows the visible GPUs).
+        name: used in error messages.
+    """
+
+    def __init__(self, teacher_spec: Spec, student_spec: Spec, tokenizer_spec: Spec | None = None,
+                 threads: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 name: str = "rollout-worker"):
+        if threads < 1:
+            raise ValueError(f"RolloutWorker: threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.name = name
+        self.device = torch.device(device)
+
+        def load_model(path):
+            return load_causal_lm(path, dtype=dtype)
+
+        self.teacher = _build(teacher_spec, "teacher", load_model).to(self.device).eval().requires_grad_(False)
+        self.student = _build(student_spec, "student", load_model).to(self.device).eval().requires_grad_(False)
+        self.tokenizer = None if tokenizer_spec is None else _build(tokenizer_spec, "tokenizer", load_tokenizer)
+        self.eos_token_id, self.pad_token_id = _special_ids(self.tokenizer, self.student)
+        self._policy_version = UNSYNCED_VERSION
+
+    def policy_version(self) -> int:
+        """The student's weight version; :data:`UNSYNCED_VERSION` until the first sync."""
+        return self._policy_version
+
+    def process_info(self) -> dict[str, Any]:
+        """Pid, torch threads, version and any launcher variables visible (for health checks)."""
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "policy_version": self._policy_version,
+                "launcher_env": {key: os.environ[key] for key in LAUNCHER_ENV_VARS if key in os.environ}}
+
+    def student_checksum(self) -> str:
+        """Checksum of the student's current weights (see :mod:`minillm_rl.weights`)."""
+        return payload_checksum(self.student)
+
+    def load_student_weights(self, payload: WeightPayload | Sequence[Any], version: int, checksum: str,
+                             fetch_timeout_s: float = 600.0) -> str:
+        """Load a payload, or a list of buckets (payloads or Ray object references), as ``version``.
+
+        Returns the checksum recomputed from the loaded student, for the learner to compare.
+        A payload that does not fit the student or fails ``checksum`` raises ``ValueError`` and
+        leaves both weights and version unchanged.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"{self.name}: load_student_weights version must be an int >= 0, got {version!r}")
+
+        def fetch(bucket):
+            if isinstance(bucket, WeightPayload):
+                return bucket
+            import ray
+
+            return ray.get(bucket, timeout=fetch_timeout_s)
+
+        try:
+            loaded = load_payload(self.student, payload, checksum, fetch)
+        except ValueError as err:
+            raise ValueError(f"{self.name}: {err}") from None
+        if loaded != checksum:
+            # Weights were written but do not read back as sent: this copy is of no known version.
+            self._policy_version = UNSYNCED_VERSION
+            raise ValueError(f"{self.name}: student checksum after loading is {loaded[:16]}..., expected "
+                             f"{checksum[:16]}...; the worker is now unsynced")
+        self._policy_version = version
+        return loaded
+
+    def _check_version(self, expected: int, call: str) -> None:
+        if self._policy_version != expected:
+            raise ValueError(f"{self.name}: {call} asked for policy version {expected}, but the student is at "
+                             f"version {self._policy_version}; sync weights first")
+
+    def generate(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig, seed: int,
+                 policy_version_expected: int) -> Rollout:
+        """One teacher-mixed rollout per prompt (``sample_rollouts`` on left-padded prompts with a
+        ``torch.Generator`` seeded by ``seed``), tagged with the worker's policy version.
+
+        Raises:
+            ValueError: the worker's version is not ``policy_version_expected``, or a prompt is empty.
+        """
+        self._check_version(policy_version_expected, "generate")
+        if not prompt_id_lists or any(len(ids) == 0 for ids in prompt_id_lists):
+            raise ValueError(f"{self.name}: generate needs a non-empty list of non-empty prompts")
+        prompt_ids, prompt_mask = left_pad(prompt_id_lists, self.pad_token_id)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return sample_rollouts(
+            self.student, self.teacher, prompt_ids.to(self.device), prompt_mask.to(self.device), sampling_cfg,
+            self.eos_token_id, self.pad_token_id, generator=generator, policy_version=self._policy_version,
+        ).to("cpu")
+
+    def generate_into(self, replay_store: Any, prompt_id_lists: Sequence[Sequence[int]],
+                      sampling_cfg: SamplingConfig, seed: int, policy_version_expected: int,
+                      put_timeout_s: float = 600.0) -> int:
+        """:meth:`generate`, then put the rollout into ``replay_store`` (a ReplayStore actor handle
+        or buffer) tagged with its policy version; returns the number of samples stored."""
+        rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected)
+        put_blocking(replay_store, rollout, rollout.policy_version, timeout_s=put_timeout_s)
+        return rollout.response_ids.shape[0]
+
+    @torch.no_grad()
+    def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0) -> TeacherScores:
+        """Teacher next-token log-probs for a plain-text batch (the PT-KD term, algorithm.md §4.4).
+
+        Args:
+            input_ids, attention_mask: ``[B, L]``, left or right padded (positions come from the mask).
+            top_k: 0 ships the full ``[B, L, V]`` distribution; ``K > 0`` ships its top ``K``.
+        """
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"{self.name}: score_teacher needs input_ids and attention_mask of one shape "
+                             f"[batch, length]; got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        if top_k < 0:
+            raise ValueError(f"{self.name}: score_teacher top_k must be >= 0 (0 = full), got {top_k}")
+        attention_mask = attention_mask.long().to(self.device)
+        logits = self.teacher(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        padding = attention_mask == 0
+        if top_k == 0:
+            return TeacherScores(logprobs.masked_fill_(padding[..., None], 0).cpu(), None, None)
+        values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+        return TeacherScores(None, values.masked_fill_(padding[..., None], 0).cpu(),
+                             ids.masked_fill_(padding[..., None], 0).cpu())
+
+    def generate_for_eval(self, prompt_id_lists: Sequence[Sequence[int]], eval_cfg: EvalConfig,
+                          seed: int) -> list[str]:
+        """Sampled student responses as strings (``evaluation.generate_responses``)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name}: generate_for_eval needs a tokenizer; create the worker with tokenizer_spec")
+        return generate_responses(self.student, self.tokenizer, prompt_id_lists, eval_cfg, seed)
+
+
+class _RolloutWorkerActor(RolloutWorker):
+    """The actor flavour: drops the launcher variables first. Done here rather than through
+    ``runtime_env["env_vars"]``, which can set variables but not unset them (an empty ``RANK``
+    breaks ``int()`` parsing downstream); a plain worker in the learner's own process must not
+    touch its environment, hence the subclass."""
+
+    def __init__(self, *args, **kwargs):
+        for key in LAUNCHER_ENV_VARS:
+            os.environ.pop(key, None)
+        super().__init__(*args, **kwargs)
+
+
+def make_rollout_worker(teacher_spec: Spec, student_spec: Spec, tokenizer_spec: Spec | None = None, *,
+                        threads: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        name: str = "rollout-worker", num_cpus: float | None = None, num_gpus: float = 0,
+                        max_restarts: int = -1, max_task_retries: int = 3):
+    """Start a :class:`RolloutWorker` Ray actor (needs ``ray.init`` first).
+
+    ``num_cpus`` defaults to ``threads``. Ray restarts the actor up to ``max_restarts`` times
+    (-1 = always) by running the constructor again, and retries a call interrupted by a restart
+    up to ``max_task_retries`` times.
+    """
+    import ray
+
+    options = {"num_cpus": threads if num_cpus is None else num_cpus, "num_gpus": num_gpus,
+               "max_restarts": max_restarts, "max_task_retries": max_task_retries}
+    return ray.remote(_RolloutWorkerActor).options(**options).remote(
+        teacher_spec, student_spec, tokenizer_spec, threads=threads, seed=seed, dtype=dtype, device=device, name=name)
+
+
+def call_with_timeout(ref: Any, timeout_s: float, what: str) -> Any:
+    """``ray.get(ref)`` (one reference or a list) within ``timeout_s``, with one-line errors.
+
+    An exception raised inside the actor is re-raised as itself (not Ray's wrapper with the remote
+    traceback), so a worker's ``ValueError`` reaches the coordinator as that one line.
+
+    Raises:
+        TimeoutError: naming ``what`` (e.g. ``"rollout-worker-1.generate"``). The call is not
+            cancelled: the caller decides whether to kill the stuck worker.
+        RuntimeError: the actor died and could not be restarted or retried.
+    """
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout_s:g} s") from None
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, Exception):
+            raise err.cause from None
+        raise
+    except ray.exceptions.RayActorError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"{what}: the worker actor died ({first_line})") from None
+
+
+def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, version: int, timeout_s: float,
+                              bucket_bytes: int | None = None, names: Sequence[str] | None = None) -> str:
+    """Publish the student once to the object store and load it into every worker actor.
+
+    ``model_or_payload``: a model, a state dict or a :class:`WeightPayload`. With ``bucket_bytes``
+    each bucket is put separately (bounded object sizes); workers fetch them one at a time.
+
+    Returns:
+        The payload checksum, which every worker confirmed.
+
+    Raises:
+        TimeoutError: the workers did not all finish loading within ``timeout_s`` (in total).
+        ValueError: a worker refused the payload or reported another checksum.
+    """
+    import ray
+
+    payload = model_or_payload if isinstance(model_or_payload, WeightPayload) else state_dict_payload(model_or_payload)
+    checksum = payload_checksum(payload)
+    if bucket_bytes is None:
+        # A top-level reference: Ray resolves it in the actor, from the one stored copy.
+        shipped: Any = ray.put(payload)
+    else:
+        shipped = [ray.put(bucket) for bucket in iter_buckets(payload, bucket_bytes)]
+    names = list(names) if names is not None else [f"rollout-worker-{i}" for i in range(len(workers))]
+    refs = [worker.load_student_weights.remote(shipped, version, checksum) for worker in workers]
+    deadline = time.monotonic() + timeout_s
+    for name, ref in zip(names, refs):
+        remaining = max(deadline - time.monotonic(), 0.0)
+        loaded = call_with_timeout(ref, remaining, f"{name}.load_student_weights(version={version})")
+        if loaded != checksum:
+            raise ValueError(f"{name}: loaded weights have checksum {loaded[:16]}..., "
+                             f"the learner's is {checksum[:16]}...")
+    return checksum

@@ -1,0 +1,88 @@
+"""Learner run for tests/test_learner.py: trains the saved student on the saved rollouts.
+
+Launched as ``deepspeed --num_gpus N tests/ds_learner_script.py ...`` (or plain ``python`` for a
+world of one). Every run starts from the same student weights and replays the same round of
+rollouts ``--rounds`` times through :func:`data_parallel_ppo_round`; rank 0 saves the per-step
+stats and the exported weights. With ``--checkpoint-dir`` it also saves a checkpoint, trains one
+more round, then rebuilds a fresh engine, loads the checkpoint and trains that round again.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minillm_rl.advantages import AdvantageConfig
+from minillm_rl.learner import (
+    build_engine,
+    data_parallel_ppo_round,
+    export_student_state,
+    init_distributed,
+    load_checkpoint,
+    save_checkpoint,
+)
+from minillm_rl.rollout.sampler import SamplingConfig
+from minillm_rl.trainer.engine import OptimConfig
+from minillm_rl.trainer.minillm import MiniLLMLossConfig
+
+
+def build_student(data: dict) -> torch.nn.Module:
+    student = LlamaForCausalLM(LlamaConfig(**data["student_config"]))
+    student.load_state_dict(data["student_state"])
+    return student.float().eval()
+
+
+def train_rounds(engine, data: dict, rounds: int, generator: torch.Generator) -> list[dict[str, float]]:
+    history = []
+    for _ in range(rounds):
+        history += data_parallel_ppo_round(engine, data["rollout"], SamplingConfig(**data["sampling"]),
+                                           AdvantageConfig(), MiniLLMLossConfig(), data["ppo_epochs"],
+                                           data["micro_batch_size"], generator)
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--ds-config", required=True)
+    parser.add_argument("--micro-batch-size", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--local_rank", type=int)  # passed by the deepspeed launcher
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    rank, world_size = init_distributed(timeout_s=120)
+    data = torch.load(args.data, weights_only=False)
+    data["micro_batch_size"] = args.micro_batch_size
+    optim = OptimConfig(**data["optim"])
+
+    engine = build_engine(build_student(data), args.ds_config, optim, args.micro_batch_size)
+    generator = torch.Generator().manual_seed(data["seed"])
+    history = train_rounds(engine, data, args.rounds, generator)
+    result = {"world_size": world_size, "history": history, "export": export_student_state(engine, bucket_numel=600)}
+
+    if args.checkpoint_dir:
+        save_checkpoint(engine, args.checkpoint_dir, "after_rounds",
+                        {"global_steps": engine.global_steps, "generator": generator.get_state()})
+        result["continued_history"] = train_rounds(engine, data, 1, generator)
+        result["continued_export"] = export_student_state(engine)
+        resumed = build_engine(build_student(data), args.ds_config, optim, args.micro_batch_size)
+        client_state = load_checkpoint(resumed, args.checkpoint_dir, "after_rounds")
+        resumed_generator = torch.Generator()
+        resumed_generator.set_state(client_state["generator"])
+        result["resumed_global_steps"] = (client_state["global_steps"], resumed.global_steps)
+        result["resumed_history"] = train_rounds(resumed, data, 1, resumed_generator)
+        result["resumed_export"] = export_student_state(resumed)
+
+    if rank == 0:
+        torch.save(result, args.out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,8 @@ from minillm_rl.evaluation import EvalConfig, evaluate, markdown_table
 from minillm_rl.models import evenly_spaced_layers, find_smollm2_gguf, gguf_to_hf, load_causal_lm, load_tokenizer, prune_student, save_model_dir
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.tracking import MetricsLogger, atomic_write_json, atomic_write_text
-from minillm_rl.trainer.engine import OptimConfig, TorchEngine
+from minillm_rl.config import OptimConfig
+from minillm_rl.trainer.engine import TorchEngine
 from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
 from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
 
@@ -92,9 +93,8 @@ def _references(examples, tokenizer) -> list[list[str]]:
 
 def _run_sft(student, train, valid, tokenizer, settings, metrics, log):
     """SFT; returns the weights with the lowest validation loss (the MiniLLM init, §2)."""
-    cfg = OptimConfig(lr=settings.sft_lr, warmup_steps=10, schedule="cosine",
-                      total_steps=settings.sft_steps, weight_decay=0.0)
-    engine = TorchEngine(student, cfg)
+    cfg = OptimConfig(lr=settings.sft_lr, warmup_steps=10, lr_schedule="cosine", weight_decay=0.0)
+    engine = TorchEngine(student, cfg, total_steps=settings.sft_steps)
     generator = torch.Generator().manual_seed(settings.seed)
     best_loss, best_state = validation_loss(student, _batches(valid, 16, tokenizer.pad_token_id)), None
     log(f"sft: validation loss before training {best_loss:.3f}")
@@ -129,7 +129,7 @@ def _validation_rouge(model, examples, tokenizer, settings) -> float:
 def _run_minillm(student, teacher, train, valid, tokenizer, settings, metrics, log):
     """MiniLLM rounds; returns the student with the best validation Rouge-L (§6)."""
     sampling = SamplingConfig(alpha=settings.alpha, max_new_tokens=settings.max_response_tokens)
-    engine = TorchEngine(student, OptimConfig(lr=settings.minillm_lr, warmup_steps=1, schedule="constant"))
+    engine = TorchEngine(student, OptimConfig(lr=settings.minillm_lr, warmup_steps=1, lr_schedule="constant"))
     generator = torch.Generator().manual_seed(settings.seed + 1)
     best_score = _validation_rouge(student, valid, tokenizer, settings)
     best_state, best_round = copy.deepcopy(student.state_dict()), 0

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.rollout.sampler import Rollout, SamplingConfig
-from minillm_rl.trainer.engine import OptimConfig, lr_factor
+from minillm_rl.config import OptimConfig
+from minillm_rl.trainer.engine import lr_factor
 from minillm_rl.trainer.minillm import (
     MiniLLMLossConfig,
     minillm_micro_batch_loss,
@@ -170,7 +171,7 @@ def resolve_ds_config(ds_config: str | os.PathLike | Mapping[str, Any], optim: O
 
 
 def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[str, Any], optim: OptimConfig,
-                 micro_batch_size: int):
+                 micro_batch_size: int, total_steps: int = 0):
     """``deepspeed.initialize`` over ``model`` with AdamW and the warm-up + constant/cosine
     schedule of :func:`~minillm_rl.trainer.engine.lr_factor` (the TorchEngine's, step for step).
 
@@ -183,8 +184,10 @@ def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[
     _, world_size = _rank_and_world()
     config = resolve_ds_config(ds_config, optim, micro_batch_size, world_size)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    schedule = functools.partial(lr_factor, cfg=optim)
+    optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    lr_factor(optim.warmup_steps, optim, total_steps)  # a bad schedule fails here, not mid-run
+    schedule = functools.partial(lr_factor, cfg=optim, total_steps=total_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

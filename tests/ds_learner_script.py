@@ -24,7 +24,7 @@ from minillm_rl.learner import (
     save_checkpoint,
 )
 from minillm_rl.rollout.sampler import SamplingConfig
-from minillm_rl.trainer.engine import OptimConfig
+from minillm_rl.config import OptimConfig
 from minillm_rl.trainer.minillm import MiniLLMLossConfig
 
 

@@ -21,7 +21,8 @@ from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import left_pad
 from minillm_rl.learner import _free_port, launcher_env, resolve_ds_config
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
-from minillm_rl.trainer.engine import OptimConfig, TorchEngine, lr_factor
+from minillm_rl.config import OptimConfig
+from minillm_rl.trainer.engine import TorchEngine, lr_factor
 from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +31,8 @@ DS_CONFIGS = REPO / "ds_configs"
 EOS = 1
 ROUNDS = 3
 ROLLOUTS = 16
-OPTIM = {"lr": 5e-3, "betas": (0.9, 0.95), "weight_decay": 1e-6, "warmup_steps": 8, "schedule": "constant",
-         "total_steps": 100, "grad_clip": 1.0}
+OPTIM = {"lr": 5e-3, "betas": (0.9, 0.95), "weight_decay": 1e-6, "warmup_steps": 8, "lr_schedule": "constant",
+         "grad_clip": 1.0}
 SAMPLING = {"alpha": 0.2, "max_new_tokens": 8}
 PPO_EPOCHS = 2
 SEED = 7

@@ -7,7 +7,6 @@ every response with a chi-square test that is also shown to reject a wrong sampl
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest

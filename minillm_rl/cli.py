@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 
@@ -42,8 +43,23 @@ def _init_student(args: argparse.Namespace) -> None:
     print(f"student with {args.layers} layers written to {out} (train it with SFT before use)")
 
 
+def _train(args: argparse.Namespace) -> int:
+    from minillm_rl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if cfg.runtime.num_learners > 1 and not launched:
+        from minillm_rl.launch import relaunch_under_deepspeed
+
+        return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:])
+    from minillm_rl.coordinator import run_training
+
+    return run_training(cfg, args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm-rl", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # put first by the deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="SmolLM2 teacher → pruned student: SFT, MiniLLM, evaluation (CPU)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
@@ -66,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-repeat-ngram-size", type=int, default=6)
     ev.set_defaults(func=_eval)
 
+    train = sub.add_parser("train", help="run a recipe's phases (SFT, MiniLLM) with Ray workers and DeepSpeed learners")
+    train.add_argument("--config", required=True, help="recipe YAML (see launch/recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.alpha=0.3")
+    train.add_argument("--resume", default=None, help="auto | none | a checkpoint path (default: output.resume)")
+    train.set_defaults(func=_train)
+
     init = sub.add_parser("init-student", help="a student made of evenly spaced teacher layers (needs SFT)")
     init.add_argument("--teacher", required=True, help="HF model directory, hub name, or GGUF directory")
     init.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher")
@@ -78,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except ValueError as err:
         print(f"minillm-rl: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

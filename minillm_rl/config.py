@@ -184,6 +184,12 @@ class RuntimeConfig:
     rpc_timeout_s: float = _bounded(600.0, low=0.0, low_open=True)
     collective_timeout_s: float = _bounded(1800.0, low=0.0, low_open=True)
     weight_sync_timeout_s: float = _bounded(600.0, low=0.0, low_open=True)
+    # Learner processes `minillm-rl train` starts itself (under `deepspeed --num_gpus N`) when no
+    # launcher started it; under a launcher the launcher's world size applies.
+    num_learners: int = _bounded(1, low=1)
+    # Simulate preemption: checkpoint and exit with code 3 once this many optimizer steps (all
+    # phases together) are done, at the first step (SFT) or round (MiniLLM) boundary. 0 = off.
+    stop_after_steps: int = _bounded(0, low=0)
 
 
 @dataclass

@@ -43,11 +43,11 @@ class DemoSettings:
     max_prompt_tokens: int = 96
     max_response_tokens: int = 64
     student_layers: int = 6
-    sft_steps: int = 120
+    sft_steps: int = 300
     sft_batch_size: int = 8
     sft_lr: float = 3e-4
     sft_eval_interval: int = 40
-    minillm_rounds: int = 8
+    minillm_rounds: int = 16
     rollouts_per_round: int = 16
     ppo_epochs: int = 1
     micro_batch_size: int = 8

@@ -233,6 +233,25 @@ def _check_same_round(rollout: Rollout, group: dist.ProcessGroup | None, world_s
             )
 
 
+def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
+                        group: dist.ProcessGroup | None = None) -> tuple[float, float]:
+    """Backward of this rank's token-mean ``loss`` (over ``num_tokens`` valid tokens) scaled so
+    that DeepSpeed's mean over ranks is the token mean over all ranks' tokens.
+
+    Returns ``(global token-mean loss, global token count)``, the same on every rank.
+    """
+    _, world_size = _rank_and_world(group)
+    tokens = num_tokens.detach().double()
+    # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
+    # the scale that turns DeepSpeed's mean over ranks into that token mean.
+    totals = torch.stack([tokens, tokens * loss.detach().double()]).to(getattr(engine, "device", "cpu"))
+    if world_size > 1:
+        dist.all_reduce(totals, group=group)
+    total_tokens = totals[0].clamp(min=1.0)
+    engine.backward(loss * (tokens.to(totals.device) * world_size / total_tokens).to(loss.dtype))
+    return (totals[1] / total_tokens).item(), totals[0].item()
+
+
 def data_parallel_ppo_round(
     engine,
     rollout: Rollout,
@@ -272,18 +291,11 @@ def data_parallel_ppo_round(
             micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
             lr = engine.get_lr()[0]
             loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
-            tokens = micro.response_mask.sum().double()
-            # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
-            # the scale that turns DeepSpeed's mean over ranks into that token mean.
-            totals = torch.stack([tokens, tokens * loss.detach().double()])
-            if world_size > 1:
-                dist.all_reduce(totals, group=group)
-            total_tokens = totals[0].clamp(min=1.0)
-            engine.backward(loss * (tokens * world_size / total_tokens).to(loss.dtype))
+            global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group)
             engine.step()
             stats.update({
-                "loss": (totals[1] / total_tokens).item(),
-                "tokens": totals[0].item(),
+                "loss": global_loss,
+                "tokens": total_tokens,
                 "lr": float(lr),
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "ppo_epoch": epoch,

@@ -1,0 +1,545 @@
+"""The training run every learner rank executes: phases, checkpoints, resume, selection.
+
+``run_training`` is started once per learner rank (by the ``deepspeed`` launcher, ``torchrun``,
+``srun``, or as a single process). All ranks build the same data, the same engines and take the
+same decisions from the same config; what only rank 0 (the *coordinator*) knows is shipped with
+``torch.distributed.broadcast_object_list``. Only rank 0 talks to Ray (rollout workers and the
+replay store), writes files and logs metrics.
+
+Design choices worth knowing:
+
+- Data order is a pure function of ``(train.seed, stream, epoch)``: SFT batch ``s`` and MiniLLM
+  round ``r`` are recomputed from the step counter, so the "data position" in a checkpoint is the
+  step itself and every rank agrees without talking.
+- Validation generation (Rouge-L) runs on rank 0, on a plain copy of the student (``eval_model``)
+  loaded from :func:`~minillm_rl.learner.export_student_state`. The same export feeds the weight
+  sync to the workers and the ``best/`` directory, so ZeRO-2 and ZeRO-3 share one path, and the
+  workers keep generating training rollouts while rank 0 evaluates.
+- Rollout shards come back from the workers in arrival order, which is not deterministic; they
+  are put in a canonical order (by content) before a round is assembled, so the round, and
+  therefore training, is reproducible.
+- ``max_staleness >= 1`` launches round ``r + 1``'s generation (with the weights of version
+  ``r``) before learning on round ``r``. A resumed run regenerates the in-flight round with the
+  restored weights, so only ``max_staleness = 0`` runs resume bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
+from minillm_rl.data import load_instructions, split_validation, tokenize_examples
+from minillm_rl.evaluation import EvalConfig, evaluate
+from minillm_rl.learner import (
+    build_engine,
+    export_student_state,
+    init_distributed,
+    load_checkpoint,
+    save_checkpoint,
+)
+from minillm_rl.models import (
+    check_tokenizers_compatible,
+    load_causal_lm,
+    load_tokenizer,
+    save_model_dir,
+)
+from minillm_rl.replay import ReplayItem
+from minillm_rl.rollout.sampler import Rollout
+from minillm_rl.tracking import MetricsLogger, atomic_write_json
+from minillm_rl.weights import state_dict_payload
+
+EXIT_PREEMPTED = 3
+# Used when runtime.deepspeed_config is not set: ZeRO-2 in fp32, which runs on CPU and GPU.
+DEFAULT_DS_CONFIG = {"gradient_accumulation_steps": 1, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+                     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
+# Rollout fields padded on the left (prompts) and the ids padded with the pad token, not 0.
+_LEFT_PADDED = ("prompt_ids", "prompt_mask")
+_TOKEN_FIELDS = ("prompt_ids", "response_ids")
+
+
+class Preempted(Exception):
+    """``runtime.stop_after_steps`` was reached: a checkpoint was written, the run stops."""
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint. ``phase_step`` counts the optimizer steps of
+    the current phase, ``total_steps`` those of all phases (``stop_after_steps`` counts these)."""
+
+    phase_index: int = 0
+    phase_step: int = 0
+    total_steps: int = 0
+    policy_version: int = 0
+    best_validation_loss: float = math.inf
+    best_validation_loss_step: int = -1
+    best_rouge: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+def derived_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed from ``seed`` and labels (e.g. ``("rollout", round, shard)``), stable across
+    processes and Python versions (unlike ``hash``)."""
+    text = "/".join(str(part) for part in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def epoch_order(seed: int, stream: str, epoch: int, size: int) -> list[int]:
+    """The seeded permutation of ``range(size)`` used for ``epoch`` of data ``stream``."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, stream, epoch))
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def round_prompt_indices(seed: int, round_index: int, num_rollouts: int, num_prompts: int) -> list[int]:
+    """Prompt indices of MiniLLM round ``round_index``: positions ``r*N .. (r+1)*N - 1`` of the
+    concatenated per-epoch permutations (a round may straddle two prompt epochs)."""
+    indices, orders = [], {}
+    for position in range(round_index * num_rollouts, (round_index + 1) * num_rollouts):
+        epoch, offset = divmod(position, num_prompts)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(seed, "prompts", epoch, num_prompts)
+        indices.append(orders[epoch][offset])
+    return indices
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``parts`` contiguous chunks whose sizes differ by at most one (empty chunks dropped)."""
+    base, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for part in range(parts):
+        size = base + (part < extra)
+        chunks.append(items[start : start + size])
+        start += size
+    return [chunk for chunk in chunks if chunk]
+
+
+def canonical_order(items: list[ReplayItem]) -> list[ReplayItem]:
+    """Replay items sorted by (version, prompt ids, response ids). Identical keys mean identical
+    rollouts (same weights, same tokens), so the order no longer depends on arrival order."""
+    def key(item: ReplayItem):
+        rollout = item.payload
+        return (item.policy_version, tuple(rollout.prompt_ids.shape), rollout.prompt_ids.flatten().tolist(),
+                tuple(rollout.response_ids.shape), rollout.response_ids.flatten().tolist())
+    return sorted(items, key=key)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of all rows: prompts re-left-padded to the widest ``P``, per-token fields
+    right-padded to the widest ``T`` (ids with ``pad_token_id``, everything else with 0).
+    ``policy_version`` is the oldest one."""
+    if len({r.alpha for r in rollouts}) != 1:
+        raise ValueError(f"concat_rollouts: rollouts sampled with different alpha {[r.alpha for r in rollouts]}")
+    merged = {}
+    for f in dataclasses.fields(Rollout):
+        values = [getattr(r, f.name) for r in rollouts]
+        if f.name in ("alpha", "policy_version"):
+            continue
+        if any(v is None for v in values):
+            if not all(v is None for v in values):
+                raise ValueError(f"concat_rollouts: field {f.name} is set in some rollouts and None in others")
+            merged[f.name] = None
+            continue
+        width = max(v.shape[1] for v in values)
+        fill = pad_token_id if f.name in _TOKEN_FIELDS else 0
+        padded = []
+        for value in values:
+            missing = width - value.shape[1]
+            # F.pad lists (left, right) pairs from the last dim backwards; dim 1 is the time axis.
+            spec = [0, 0] * (value.dim() - 2) + ([missing, 0] if f.name in _LEFT_PADDED else [0, missing])
+            padded.append(F.pad(value, spec, value=fill))
+        merged[f.name] = torch.cat(padded, dim=0)
+    return Rollout(**merged, alpha=rollouts[0].alpha, policy_version=min(r.policy_version for r in rollouts))
+
+
+def checkpoint_tag(phase_index: int, phase: str, phase_step: int) -> str:
+    """Tags sort in run order: phase index first, then step."""
+    return f"phase{phase_index}-{phase}-step{phase_step:08d}"
+
+
+def parse_checkpoint_tag(tag: str) -> tuple[int, str, int]:
+    """``(phase_index, phase, phase_step)`` of a :func:`checkpoint_tag`."""
+    try:
+        head, phase, step = tag.split("-")
+        return int(head.removeprefix("phase")), phase, int(step.removeprefix("step"))
+    except ValueError:
+        raise ValueError(f"checkpoint tag {tag!r}: expected phase<i>-<phase>-step<n>") from None
+
+
+def crossed_interval(previous_step: int, step: int, interval: int) -> bool:
+    """Whether a multiple of ``interval`` lies in ``(previous_step, step]``."""
+    return step // interval > previous_step // interval
+
+
+def mean_stats(history: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean of numeric per-step stats."""
+    keys = [k for k, v in history[0].items() if isinstance(v, (int, float))]
+    return {key: sum(h[key] for h in history) / len(history) for key in keys}
+
+
+def broadcast_from_coordinator(obj: Any, rank: int, world_size: int) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+class TrainingRun:
+    """State shared by the phases of one run on one rank (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, resume: str):
+        self.cfg, self.rank, self.world_size, self.resume = cfg, rank, world_size, resume
+        self.is_coordinator = rank == 0
+        self.out = Path(cfg.output.dir)
+        self.checkpoint_dir = self.out / "checkpoints"
+        self.progress = Progress()
+        self._check_supported()
+        self.tokenizer = self._load_tokenizers()
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.train_examples, self.valid_examples = self._load_data()
+        self.references = [[self.tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()]
+                           for e in self.valid_examples]
+        self.exported_version: int | None = None
+        self._last_checkpoint_total_step = -1
+        self.metrics = self.eval_model = self.replay = None
+        self.workers: list = []
+        self._ray_started = False
+        if self.is_coordinator:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            self.metrics = MetricsLogger(self.out)
+            self.eval_model = load_causal_lm(cfg.model.student, dtype=getattr(torch, cfg.model.dtype),
+                                             gguf_file=cfg.model.student_gguf_file)
+            if any(phase in PHASES_USING_TEACHER for phase in cfg.train.phases):
+                self._start_rollout_side()
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def _check_supported(self) -> None:
+        cfg = self.cfg
+        if cfg.data.pretrain_corpus:
+            raise ValueError("data.pretrain_corpus: the PT term is not implemented by `minillm-rl train` yet; "
+                             "leave it empty")
+        for dotted, batch in (("train.micro_batch_size", cfg.train.micro_batch_size),
+                              ("sft.batch_size", cfg.sft.batch_size)):
+            if batch % self.world_size:
+                raise ValueError(f"{dotted}={batch} must be a multiple of the number of learner ranks "
+                                 f"({self.world_size}); it counts rows over all ranks")
+
+    def _load_tokenizers(self):
+        model = self.cfg.model
+        student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
+        if model.teacher:
+            teacher = load_tokenizer(model.teacher, gguf_file=model.teacher_gguf_file)
+            try:
+                check_tokenizers_compatible(teacher, student)
+            except ValueError as err:
+                raise ValueError(f"model.teacher / model.student: {err}; MiniLLM needs one shared tokenizer") from None
+        return student
+
+    def _load_data(self):
+        data = self.cfg.data
+        loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records)
+        if len(loaded.examples) <= data.num_validation:
+            raise ValueError(f"data.num_validation={data.num_validation} leaves no training examples "
+                             f"({data.train} has {len(loaded.examples)})")
+        train, valid = split_validation(loaded.examples, data.num_validation, data.split_seed)
+        budgets = (data.max_prompt_tokens, data.max_length - data.max_prompt_tokens)
+        train, _ = tokenize_examples(train, self.tokenizer, *budgets, template=data.template)
+        valid, _ = tokenize_examples(valid, self.tokenizer, *budgets, template=data.template)
+        if not train or not valid:
+            raise ValueError(f"data.train: {data.train} has no example whose prompt fits data.max_prompt_tokens="
+                             f"{data.max_prompt_tokens} in the {'training' if not train else 'validation'} split")
+        return train, valid
+
+    def _start_rollout_side(self) -> None:
+        """Ray, the rollout workers and the replay store (rank 0 only)."""
+        import ray
+
+        from minillm_rl.replay import make_replay_store_actor
+        from minillm_rl.rollout.worker import make_rollout_worker
+
+        runtime, model = self.cfg.runtime, self.cfg.model
+        if runtime.ray_address == "local":
+            ray.init(num_cpus=runtime.num_rollout_workers * runtime.worker_threads, include_dashboard=False,
+                     log_to_driver=False)
+            self._ray_started = True
+        elif not ray.is_initialized():
+            ray.init(address=runtime.ray_address, log_to_driver=False)
+        dtype = getattr(torch, model.dtype)
+        teacher = functools.partial(load_causal_lm, model.teacher, dtype, model.teacher_gguf_file)
+        student = functools.partial(load_causal_lm, model.student, dtype, model.student_gguf_file)
+        tokenizer = functools.partial(load_tokenizer, model.student, model.student_gguf_file)
+        self.workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
+                                            seed=self.cfg.train.seed, name=f"rollout-worker-{i}")
+                        for i in range(runtime.num_rollout_workers)]
+        self.replay = make_replay_store_actor(runtime.replay_max_samples, runtime.replay_max_bytes)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+
+    # ---- engines, export, evaluation ----------------------------------------------------------
+
+    def phase_name(self, index: int | None = None) -> str:
+        return self.cfg.train.phases[self.progress.phase_index if index is None else index]
+
+    def build_phase_engine(self, phase_index: int):
+        """A fresh DeepSpeed engine for phase ``phase_index``: SFT starts from ``model.student``,
+        MiniLLM from the lowest-validation-loss SFT weights when SFT ran before it."""
+        cfg = self.cfg
+        phase = cfg.train.phases[phase_index]
+        init = cfg.model.student
+        gguf = cfg.model.student_gguf_file
+        if phase == "minillm" and "sft" in cfg.train.phases[:phase_index]:
+            init, gguf = self.out / "sft_best_loss", None
+        model = load_causal_lm(init, dtype=torch.float32, gguf_file=gguf)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if phase != "minillm":
+            optim, micro, total = cfg.sft.optim, cfg.sft.batch_size // self.world_size, self.sft_total_steps()
+        else:
+            optim, micro, total = cfg.train.optim, cfg.train.micro_batch_size // self.world_size, cfg.train.total_steps
+        ds_config = cfg.runtime.deepspeed_config or DEFAULT_DS_CONFIG
+        return build_engine(model, ds_config, optim, micro, total_steps=total)
+
+    def export(self, engine) -> None:
+        """Gather the student (collective) into rank 0's ``eval_model`` at the current version."""
+        state = export_student_state(engine)
+        if self.is_coordinator:
+            tied = set(state_dict_payload(self.eval_model).aliases)
+            result = self.eval_model.load_state_dict(state, strict=False)
+            if result.unexpected_keys or set(result.missing_keys) - tied:
+                raise ValueError(f"exported student does not fit the evaluation copy: missing "
+                                 f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        self.exported_version = self.progress.policy_version
+
+    def validation_protocol(self) -> str:
+        s = self.cfg.sampling
+        return (f"validation: {len(self.valid_examples)} held-out prompts, one sample each at temperature "
+                f"{s.temperature}, top_k {s.top_k}, top_p {s.top_p}, max_new_tokens {s.max_new_tokens}, "
+                f"seed {self.cfg.train.seed}")
+
+    def validation_rouge(self) -> float:
+        """Rouge-L of ``eval_model`` on the validation set (rank 0)."""
+        s = self.cfg.sampling
+        eval_cfg = EvalConfig.validation(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                         max_new_tokens=s.max_new_tokens, seed=self.cfg.train.seed)
+        return evaluate(self.eval_model, self.tokenizer, self.valid_examples, self.references, eval_cfg).rouge_l
+
+    def select(self, engine, validation_loss: float | None = None) -> dict[str, float]:
+        """Validation of the current weights: Rouge-L (rank 0) and, for SFT, the given loss; keeps
+        ``sft_best_loss/`` (lowest loss), ``best/`` + ``best.json`` (best Rouge-L of the last phase)."""
+        started = time.perf_counter()
+        if self.phase_name() != "minillm" or self.exported_version != self.progress.policy_version:
+            self.export(engine)  # supervised steps do not bump the policy version
+        phase, step, progress = self.phase_name(), self.progress.phase_step, self.progress
+        record: dict[str, float] = {}
+        if validation_loss is not None:
+            record["validation_loss"] = validation_loss
+            if phase == "sft" and validation_loss < progress.best_validation_loss:
+                progress.best_validation_loss, progress.best_validation_loss_step = validation_loss, step
+                if self.is_coordinator:
+                    save_model_dir(self.eval_model, self.tokenizer, self.out / "sft_best_loss")
+        if self.is_coordinator:
+            score = self.validation_rouge()
+            record["validation_rouge_l"] = score
+            best = progress.best_rouge.get(phase)
+            if best is None or score > best["validation_rouge_l"]:
+                progress.best_rouge[phase] = {"step": step, "validation_rouge_l": score}
+                if progress.phase_index == len(self.cfg.train.phases) - 1:
+                    save_model_dir(self.eval_model, self.tokenizer, self.out / "best")
+                    self.write_best_json()
+            record["time/eval"] = time.perf_counter() - started
+            self.metrics.log(phase, step, record)
+        return record
+
+    def write_best_json(self) -> None:
+        final_phase = self.cfg.train.phases[-1]
+        best = self.progress.best_rouge.get(final_phase)
+        if best is None:
+            return
+        atomic_write_json(self.out / "best.json", {
+            "phase": final_phase, "step": best["step"], "validation_rouge_l": best["validation_rouge_l"],
+            "protocol": self.validation_protocol(), "best_by_phase": self.progress.best_rouge,
+        })
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def replay_counters(self) -> dict[str, int] | None:
+        if self.replay is None:
+            return None
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        return call_with_timeout(self.replay.state_dict.remote(), self.cfg.runtime.rpc_timeout_s, "replay.state_dict")
+
+    def checkpoint(self, engine) -> None:
+        """DeepSpeed checkpoint + client state (collective); keeps ``output.keep_checkpoints``."""
+        if self._last_checkpoint_total_step == self.progress.total_steps:
+            return
+        client_state = {
+            "progress": asdict(self.progress),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "replay": self.replay_counters() if self.is_coordinator else None,
+        }
+        tag = checkpoint_tag(self.progress.phase_index, self.phase_name(), self.progress.phase_step)
+        save_checkpoint(engine, self.checkpoint_dir, tag, client_state)
+        self._last_checkpoint_total_step = self.progress.total_steps
+        if self.is_coordinator:
+            tags = sorted(p.name for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("phase"))
+            for old in tags[: -self.cfg.output.keep_checkpoints]:
+                shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
+
+    def resume_point(self) -> tuple[Path, str] | None:
+        """``(checkpoint_dir, tag)`` to resume from, or ``None`` for a fresh start."""
+        if self.resume == "none":
+            return None
+        if self.resume == "auto":
+            latest = self.checkpoint_dir / "latest"
+            return (self.checkpoint_dir, latest.read_text().strip()) if latest.is_file() else None
+        path = Path(self.resume)
+        if (path / "latest").is_file():
+            return path, (path / "latest").read_text().strip()
+        if not path.is_dir():
+            raise ValueError(f"--resume {self.resume}: expected 'auto', 'none', a checkpoints directory or "
+                             f"a checkpoint tag directory")
+        return path.parent, path.name
+
+    def restore(self, client_state: dict) -> None:
+        self.progress = Progress(**client_state["progress"])
+        rng = client_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if self.is_coordinator and self.replay is not None and client_state["replay"] is not None:
+            from minillm_rl.rollout.worker import call_with_timeout
+
+            call_with_timeout(self.replay.load_state_dict.remote(client_state["replay"]),
+                              self.cfg.runtime.rpc_timeout_s, "replay.load_state_dict")
+        self._last_checkpoint_total_step = self.progress.total_steps
+
+    def after_steps(self, steps: int) -> None:
+        self.progress.phase_step += steps
+        self.progress.total_steps += steps
+
+    def maybe_preempt(self, engine, steps_before: int) -> None:
+        """Checkpoint and stop when this step (or round) crossed ``runtime.stop_after_steps``."""
+        stop = self.cfg.runtime.stop_after_steps
+        if stop and steps_before < stop <= self.progress.total_steps:
+            self.checkpoint(engine)
+            raise Preempted(f"stopped after {self.progress.total_steps} optimizer steps (runtime.stop_after_steps)")
+
+    def sft_total_steps(self) -> int:
+        steps_per_epoch = len(self.train_examples) // self.cfg.sft.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"sft.batch_size={self.cfg.sft.batch_size} exceeds the {len(self.train_examples)} "
+                             f"training examples")
+        return self.cfg.sft.num_epochs * steps_per_epoch
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """All phases from the resume point; returns the exit code (0, or 3 when preempted)."""
+        from minillm_rl.phases import (  # phases imports this module
+            run_minillm,
+            run_supervised,
+        )
+
+        torch.manual_seed(self.cfg.train.seed)
+        random.seed(self.cfg.train.seed)
+        np.random.seed(self.cfg.train.seed % 2**32)
+        start = self.resume_point()
+        first_phase = 0
+        if start is not None:
+            first_phase, phase, _ = parse_checkpoint_tag(start[1])
+            if first_phase >= len(self.cfg.train.phases) or self.cfg.train.phases[first_phase] != phase:
+                raise ValueError(f"checkpoint {start[0] / start[1]} is from phase {first_phase} ({phase}), but "
+                                 f"train.phases is {self.cfg.train.phases}; resume with the same recipe")
+        engine = None
+        for index in range(first_phase, len(self.cfg.train.phases)):
+            engine = None  # free the previous phase's engine before building the next
+            if self.world_size > 1:
+                dist.barrier()  # rank 0 has finished writing sft_best_loss/, which the next engine loads
+            engine = self.build_phase_engine(index)
+            self.exported_version = None  # eval_model holds the previous phase's weights
+            if start is not None and index == first_phase:
+                self.restore(load_checkpoint(engine, *start))
+            else:
+                self.progress.phase_index, self.progress.phase_step = index, 0
+            try:
+                (run_minillm if self.phase_name(index) == "minillm" else run_supervised)(self, engine)
+            except Preempted as stop:
+                if self.is_coordinator:
+                    print(f"minillm-rl: {stop}; resume with --resume auto", flush=True)
+                return EXIT_PREEMPTED
+        self.finish(engine)
+        return 0
+
+    def finish(self, engine) -> None:
+        """The final weights as ``final/``, best.json and a run summary (replay accounting)."""
+        if self.exported_version != self.progress.policy_version or self.cfg.train.phases[-1] != "minillm":
+            self.export(engine)
+        if not self.is_coordinator:
+            return
+        save_model_dir(self.eval_model, self.tokenizer, self.out / "final")
+        self.write_best_json()
+        replay = None
+        if self.replay is not None:
+            from minillm_rl.rollout.worker import call_with_timeout
+
+            replay = call_with_timeout(self.replay.stats.remote(), self.cfg.runtime.rpc_timeout_s, "replay.stats")
+        atomic_write_json(self.out / "run_summary.json", {
+            "total_steps": self.progress.total_steps, "policy_version": self.progress.policy_version,
+            "best_validation_loss": self.progress.best_validation_loss, "best_rouge": self.progress.best_rouge,
+            "replay": replay, "world_size": self.world_size,
+        })
+
+
+def run_training(cfg: RunConfig, resume: str | None = None) -> int:
+    """Train ``cfg`` on this learner rank; every rank of the job calls it.
+
+    Args:
+        resume: ``"none"``, ``"auto"`` (latest checkpoint under ``output.dir`` if any) or a
+            checkpoint path; ``None`` uses ``output.resume``.
+
+    Returns:
+        The process exit code: 0 when done, :data:`EXIT_PREEMPTED` after a simulated preemption.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    rank, world_size = init_distributed(cfg.runtime.collective_timeout_s)
+    run = TrainingRun(cfg, rank, world_size, resume if resume is not None else cfg.output.resume)
+    try:
+        code = run.run()
+    finally:
+        run.close()
+    if world_size > 1:
+        dist.barrier()  # no rank tears the group down while another still saves
+    return code

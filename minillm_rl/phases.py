@@ -1,0 +1,305 @@
+"""The phase loops run by :class:`~minillm_rl.coordinator.TrainingRun` on every learner rank.
+
+Each loop resumes from ``run.progress.phase_step`` (the data position is derived from it), calls
+``run.select`` at every ``train.eval_interval`` crossing and at the phase end, checkpoints after
+each selection, and lets ``run.maybe_preempt`` stop the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from minillm_rl.advantages import AdvantageConfig
+from minillm_rl.batching import SupervisedBatch, collate_supervised
+from minillm_rl.coordinator import (
+    TrainingRun,
+    broadcast_from_coordinator,
+    canonical_order,
+    concat_rollouts,
+    crossed_interval,
+    derived_seed,
+    epoch_order,
+    mean_stats,
+    round_prompt_indices,
+    split_evenly,
+)
+from minillm_rl.data import TokenizedExample
+from minillm_rl.learner import data_parallel_ppo_round, token_mean_backward
+from minillm_rl.rollout.sampler import SamplingConfig
+from minillm_rl.tracking import atomic_write_text
+from minillm_rl.trainer.minillm import MiniLLMLossConfig
+from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
+
+
+def _progress_bar(run: TrainingRun, total: int, desc: str) -> tqdm:
+    return tqdm(total=total, initial=min(run.progress.phase_step, total), desc=desc, dynamic_ncols=True,
+                disable=not run.is_coordinator)
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised phases: sft, kd, seqkd
+# --------------------------------------------------------------------------------------------
+
+def _supervised_batches(run: TrainingRun, examples, batch_size: int):
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield collate_supervised([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], run.pad_token_id)
+
+
+def _validation_loss(run: TrainingRun, engine) -> float:
+    """Token-mean response CE over the whole validation set. Every rank runs every batch: under
+    ZeRO-3 a forward is collective, so all ranks must run the same number of them."""
+    engine.eval()
+    loss = validation_loss(engine, _supervised_batches(run, run.valid_examples, run.cfg.sft.micro_batch_size))
+    engine.train()
+    return loss
+
+
+def _rank_batch(run: TrainingRun, examples, global_rows: list[int], rank: int) -> SupervisedBatch:
+    """Rank ``rank``'s share (strided) of a global batch of ``examples``."""
+    mine = [examples[i] for i in global_rows[rank :: run.world_size]]
+    return collate_supervised([e.prompt_ids for e in mine], [e.response_ids for e in mine], run.pad_token_id)
+
+
+def _shard_refs(run: TrainingRun, method: str, argument_lists: list[tuple]) -> list:
+    """Call ``method`` on the workers round-robin, one call per argument tuple (rank 0)."""
+    workers = run.workers
+    return [getattr(workers[i % len(workers)], method).remote(*args) for i, args in enumerate(argument_lists)]
+
+
+def teacher_response_examples(run: TrainingRun) -> list[TokenizedExample]:
+    """SeqKD targets (algorithm.md §5): one teacher sample (``alpha = 1``, the training sampling
+    settings) per training prompt, replacing the human answer. Shard ``i`` is seeded from
+    ``(train.seed, "seqkd", i)``, so a resumed run regenerates the same targets. Rank 0 generates
+    and writes them to ``seqkd_targets.jsonl``; every rank gets them by broadcast."""
+    responses = None
+    if run.is_coordinator:
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        timeout = run.cfg.runtime.rpc_timeout_s
+        sampling = dataclasses.replace(_sampling_config(run), alpha=1.0, teacher_dist="none")
+        shards = split_evenly([e.prompt_ids for e in run.train_examples], len(run.workers))
+        # The student copy is never used at alpha = 1; pass whatever version each worker holds.
+        versions = call_with_timeout([w.policy_version.remote() for w in run.workers], timeout, "policy_version")
+        refs = _shard_refs(run, "generate", [(shard, sampling, derived_seed(run.cfg.train.seed, "seqkd", i),
+                                              versions[i % len(versions)]) for i, shard in enumerate(shards)])
+        responses = []
+        for rollout in call_with_timeout(refs, timeout, "rollout workers' teacher generation (seqkd)"):
+            for ids, mask in zip(rollout.response_ids, rollout.response_mask):
+                responses.append(ids[mask > 0].tolist())
+        atomic_write_text(run.out / "seqkd_targets.jsonl", "".join(
+            json.dumps({"prompt_ids": example.prompt_ids, "response_ids": response,
+                        "response": run.tokenizer.decode(response, skip_special_tokens=True)}) + "\n"
+            for example, response in zip(run.train_examples, responses)))
+    responses = broadcast_from_coordinator(responses, run.rank, run.world_size)
+    return [TokenizedExample(e.prompt_ids, response, "teacher") for e, response in zip(run.train_examples, responses)]
+
+
+def _teacher_logprobs(run: TrainingRun, examples, global_rows: list[int]) -> torch.Tensor:
+    """Word-level KD targets for this rank's batch: ``[B, T, V]`` teacher log-probs (temperature 1)
+    at the response positions, scored by the workers for every rank's batch (rank 0)."""
+    scores = None
+    if run.is_coordinator:
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        batches = [_rank_batch(run, examples, global_rows, rank) for rank in range(run.world_size)]
+        inputs = [(torch.cat([b.prompt_ids, b.response_ids], 1),
+                   torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0) for b in batches]
+        results = call_with_timeout(_shard_refs(run, "score_teacher", inputs), run.cfg.runtime.rpc_timeout_s,
+                                    "rollout workers' score_teacher (kd)")
+        # Position i predicts token i + 1: the response tokens are predicted from P - 1 .. P + T - 2.
+        scores = [r.logprobs[:, b.prompt_ids.shape[1] - 1 : -1] for r, b in zip(results, batches)]
+    return broadcast_from_coordinator(scores, run.rank, run.world_size)[run.rank]
+
+
+def run_supervised(run: TrainingRun, engine) -> None:
+    """SFT (algorithm.md §2) and its baselines (§5): ``kd`` mixes in the teacher's distribution
+    on the human answers, ``seqkd`` trains on teacher samples instead of the human answers.
+
+    ``sft.num_epochs`` epochs of seeded permutations; each optimizer step takes a global batch of
+    ``sft.batch_size`` examples split over the ranks, with the loss the token mean over the whole
+    global batch (as on one rank). Validation (loss on the human answers, Rouge-L) every
+    ``train.eval_interval`` steps and at the end.
+    """
+    cfg, progress = run.cfg, run.progress
+    phase = run.phase_name()
+    examples = teacher_response_examples(run) if phase == "seqkd" else run.train_examples
+    batch_size = cfg.sft.batch_size
+    steps_per_epoch = len(examples) // batch_size
+    total = run.sft_total_steps()
+    engine.train()
+    bar = _progress_bar(run, total, phase)
+    order, order_epoch = None, None
+    while progress.phase_step < total:
+        epoch, offset = divmod(progress.phase_step, steps_per_epoch)
+        if order_epoch != epoch:
+            order, order_epoch = epoch_order(cfg.train.seed, "sft", epoch, len(examples)), epoch
+        global_rows = order[offset * batch_size : (offset + 1) * batch_size]
+        started = time.perf_counter()
+        teacher = _teacher_logprobs(run, examples, global_rows) if phase == "kd" else None
+        batch = _rank_batch(run, examples, global_rows, run.rank)
+        lr = engine.get_lr()[0]
+        loss, _ = supervised_micro_batch_loss(engine, batch, teacher_logits=teacher, kd_ratio=cfg.loss.kd_ratio)
+        global_loss, tokens = token_mean_backward(engine, loss, batch.response_mask.sum())
+        engine.step()
+        steps_before = progress.total_steps
+        run.after_steps(1)
+        if run.is_coordinator:
+            run.metrics.log(phase, progress.phase_step, {
+                "loss": global_loss, "tokens": tokens, "lr": float(lr),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": epoch,
+                "time/step": time.perf_counter() - started,
+            })
+            bar.update(1)
+            bar.set_postfix(loss=f"{global_loss:.3f}")
+        if crossed_interval(progress.phase_step - 1, progress.phase_step, cfg.train.eval_interval) \
+                or progress.phase_step == total:
+            run.select(engine, validation_loss=_validation_loss(run, engine))
+            run.checkpoint(engine)
+        run.maybe_preempt(engine, steps_before)
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLLM
+# --------------------------------------------------------------------------------------------
+
+def _sampling_config(run: TrainingRun) -> SamplingConfig:
+    section = asdict(run.cfg.sampling)
+    return SamplingConfig(**{**section, "teacher_dist_dtype": getattr(torch, section["teacher_dist_dtype"])})
+
+
+class _RolloutClient:
+    """Rank 0's side of generation: weight sync, shard launch, and round assembly."""
+
+    def __init__(self, run: TrainingRun, sampling: SamplingConfig):
+        self.run, self.sampling = run, sampling
+        self.pending: tuple[int, list] | None = None  # (round, generate_into refs) in flight
+
+    def sync(self) -> None:
+        """Bring every worker to the learner's version (after an update, or a worker restart)."""
+        from minillm_rl.rollout.worker import (
+            broadcast_student_weights,
+            call_with_timeout,
+        )
+
+        run, version = self.run, self.run.progress.policy_version
+        versions = call_with_timeout([w.policy_version.remote() for w in run.workers], run.cfg.runtime.rpc_timeout_s,
+                                     "rollout workers' policy_version")
+        if any(v != version for v in versions):
+            broadcast_student_weights(run.workers, run.eval_model, version, run.cfg.runtime.weight_sync_timeout_s)
+
+    def launch(self, round_index: int) -> None:
+        """Workers generate round ``round_index`` into the replay store, shard ``i`` seeded from
+        ``(train.seed, round, i)``, with the weights they hold now (the learner's version)."""
+        run = self.run
+        indices = round_prompt_indices(run.cfg.train.seed, round_index, run.cfg.train.num_rollouts,
+                                       len(run.train_examples))
+        shards = split_evenly([run.train_examples[i].prompt_ids for i in indices], len(run.workers))
+        refs = [worker.generate_into.remote(run.replay, shard, self.sampling,
+                                            derived_seed(run.cfg.train.seed, "rollout", round_index, i),
+                                            run.progress.policy_version, run.cfg.runtime.rpc_timeout_s)
+                for i, (worker, shard) in enumerate(zip(run.workers, shards))]
+        self.pending = (round_index, refs)
+
+    def take_round(self, round_index: int):
+        """The round's rollouts, no older than ``version - max_staleness``, in canonical order."""
+        from minillm_rl.replay import take_blocking
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        run = self.run
+        runtime = run.cfg.runtime
+        if self.pending is None or self.pending[0] != round_index:
+            raise RuntimeError(f"round {round_index} was never launched (pending: {self.pending and self.pending[0]})")
+        call_with_timeout(self.pending[1], runtime.rpc_timeout_s, f"rollout workers' generate_into(round {round_index})")
+        self.pending = None
+        items = take_blocking(run.replay, run.cfg.train.num_rollouts,
+                              run.progress.policy_version - runtime.max_staleness, timeout_s=runtime.rpc_timeout_s,
+                              rpc_timeout_s=runtime.rpc_timeout_s)
+        items = canonical_order(items)
+        rollout = concat_rollouts([item.payload for item in items], run.pad_token_id)
+        versions = [item.policy_version for item in items]
+        return rollout, {"rollout_policy_version/min": min(versions), "rollout_policy_version/max": max(versions)}
+
+    def replay_stats(self) -> dict[str, float]:
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        stats = call_with_timeout(self.run.replay.stats.remote(), self.run.cfg.runtime.rpc_timeout_s, "replay.stats")
+        return {f"replay/{key}": value for key, value in stats.items()}
+
+
+def run_minillm(run: TrainingRun, engine) -> None:
+    """MiniLLM rounds (algorithm.md §3): generate ``train.num_rollouts`` teacher-mixed rollouts,
+    ``train.ppo_epochs`` passes of data-parallel updates, sync the new weights; until
+    ``train.total_steps`` optimizer steps (whole rounds: the last one may pass it) or
+    ``train.max_prompt_epochs`` passes over the prompts."""
+    cfg, progress = run.cfg, run.progress
+    train = cfg.train
+    steps_per_round = train.ppo_epochs * (train.num_rollouts // train.micro_batch_size)
+    num_rounds = min(math.ceil(train.total_steps / steps_per_round),
+                     train.max_prompt_epochs * len(run.train_examples) // train.num_rollouts)
+    if num_rounds < 1:
+        raise ValueError(f"train.num_rollouts={train.num_rollouts} exceeds train.max_prompt_epochs x "
+                         f"{len(run.train_examples)} training prompts: not even one round")
+    sampling = _sampling_config(run)
+    advantage_cfg = AdvantageConfig(**asdict(cfg.advantage))
+    loss_cfg = MiniLLMLossConfig(cfg.loss.clip_eps, cfg.loss.single_step, cfg.loss.single_step_weighted)
+    overlap = cfg.runtime.max_staleness >= 1
+    client = _RolloutClient(run, sampling) if run.is_coordinator else None
+    engine.eval()  # as the reference: no dropout during MiniLLM updates
+    if progress.phase_step == 0:
+        run.select(engine)  # the initial (SFT) weights compete for best/ too
+    bar = _progress_bar(run, num_rounds * steps_per_round, "minillm")
+    for round_index in range(progress.phase_step // steps_per_round, num_rounds):
+        round_started = time.perf_counter()
+        timings: dict[str, float] = {}
+        if run.exported_version != progress.policy_version:
+            run.export(engine)
+        rollout, round_stats = None, {}
+        if client is not None:
+            started = time.perf_counter()
+            client.sync()
+            timings["time/sync"] = time.perf_counter() - started
+            started = time.perf_counter()
+            if client.pending is None:
+                client.launch(round_index)
+            rollout, round_stats = client.take_round(round_index)
+            if overlap and round_index + 1 < num_rounds:
+                client.launch(round_index + 1)  # generated with version v while the learners update
+            timings["time/rollout"] = time.perf_counter() - started
+        started = time.perf_counter()
+        rollout = broadcast_from_coordinator(rollout, run.rank, run.world_size)
+        timings["time/transfer"] = time.perf_counter() - started
+        started = time.perf_counter()
+        learner_version = progress.policy_version
+        history = data_parallel_ppo_round(engine, rollout, sampling, advantage_cfg, loss_cfg, train.ppo_epochs,
+                                          train.micro_batch_size // run.world_size,
+                                          torch.Generator().manual_seed(derived_seed(train.seed, "ppo", round_index)))
+        timings["time/learn"] = time.perf_counter() - started
+        steps_before = progress.total_steps
+        previous_step = progress.phase_step
+        run.after_steps(len(history))
+        progress.policy_version += 1
+        started = time.perf_counter()
+        run.export(engine)
+        timings["time/sync"] = timings.get("time/sync", 0.0) + time.perf_counter() - started
+        if client is not None:
+            elapsed = time.perf_counter() - round_started
+            run.metrics.log("minillm", progress.phase_step, {
+                **mean_stats(history), **round_stats, **timings, **client.replay_stats(),
+                "learner_policy_version": learner_version, "round": round_index,
+                "samples_per_s": train.num_rollouts / elapsed, "time/round": elapsed,
+            })
+            bar.update(len(history))
+        if crossed_interval(previous_step, progress.phase_step, train.eval_interval) or round_index + 1 == num_rounds:
+            run.select(engine)
+            run.checkpoint(engine)
+        run.maybe_preempt(engine, steps_before)
+    bar.close()

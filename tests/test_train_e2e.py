@@ -1,0 +1,307 @@
+"""``minillm-rl train`` end to end on CPU: SFT -> MiniLLM with Ray rollout workers, a replay
+store and DeepSpeed learners, plus preemption/resume; and the coordinator's pure helpers.
+
+The runs use ``launch/recipes/tiny-e2e.yaml`` on tiny Llamas (tests/tiny_assets.py): 48 training
+and 8 validation prompts, 6 SFT steps, 3 MiniLLM rounds of 2 optimizer steps. The end-to-end runs
+use 2 learner ranks (the CLI starts them under ``deepspeed``); the resume runs use 1 rank to keep
+the file's wall time down (the resume logic is rank-independent: every rank loads the same
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minillm_rl.coordinator import (
+    canonical_order,
+    checkpoint_tag,
+    concat_rollouts,
+    crossed_interval,
+    parse_checkpoint_tag,
+    round_prompt_indices,
+    split_evenly,
+)
+from minillm_rl.replay import ReplayItem
+from minillm_rl.rollout.sampler import Rollout
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_assets import write_assets
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "launch" / "recipes" / "tiny-e2e.yaml"
+SFT_STEPS = 6  # 48 training examples / sft.batch_size 8, one epoch
+EXIT_PREEMPTED = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+def _rollout(prompts: list[list[int]], responses: list[list[int]], version: int = 0, vocab: int = 5) -> Rollout:
+    """A rollout whose per-token values encode (row, position) so padding mistakes show."""
+    batch, width, length = len(prompts), max(map(len, prompts)), max(map(len, responses))
+    prompt_ids = torch.full((batch, width), 0, dtype=torch.long)
+    prompt_mask = torch.zeros(batch, width, dtype=torch.long)
+    response_ids = torch.full((batch, length), 0, dtype=torch.long)
+    response_mask = torch.zeros(batch, length)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        prompt_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[row, width - len(prompt):] = 1
+        response_ids[row, : len(response)] = torch.tensor(response)
+        response_mask[row, : len(response)] = 1
+    values = (torch.arange(length, dtype=torch.float32) + 1) * response_mask + torch.tensor(
+        [float(sum(r)) for r in responses])[:, None] * response_mask
+    dist = torch.log_softmax(torch.arange(batch * length * vocab, dtype=torch.float32).reshape(batch, length, vocab),
+                             -1) * response_mask[..., None]
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, values, -values, values * 2, values * 3,
+                   dist, None, None, alpha=0.2, policy_version=version)
+
+
+def _rows(rollout: Rollout) -> list[tuple]:
+    """Each row without its padding: (prompt tokens, response tokens, per-token values, dist)."""
+    rows = []
+    for row in range(rollout.response_ids.shape[0]):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row] > 0].tolist()
+        keep = rollout.response_mask[row] > 0
+        rows.append((prompt, rollout.response_ids[row][keep].tolist(), rollout.student_logprobs[row][keep].tolist(),
+                     rollout.teacher_logprobs_raw[row][keep].tolist(),
+                     rollout.teacher_dist_logprobs[row][keep].flatten().tolist()))
+    return rows
+
+
+def test_concat_rollouts_repads_every_field_without_changing_any_row():
+    first = _rollout([[1, 2, 3], [4]], [[5, 1], [6, 7, 8, 1]], version=3)
+    second = _rollout([[2, 2, 2, 2, 2]], [[3]], version=2)
+    merged = concat_rollouts([first, second], pad_token_id=0)
+    assert merged.prompt_ids.shape == (3, 5) and merged.response_ids.shape == (3, 4)
+    assert merged.teacher_dist_logprobs.shape == (3, 4, 5)
+    assert _rows(merged) == _rows(first) + _rows(second)
+    # Prompts stay right-aligned (left padding) with the pad id; values are 0 where masked.
+    assert merged.prompt_ids[1].tolist() == [0, 0, 0, 0, 4] and merged.prompt_mask[1].tolist() == [0, 0, 0, 0, 1]
+    assert merged.response_ids[2].tolist() == [3, 0, 0, 0]
+    assert torch.all(merged.student_logprobs[merged.response_mask == 0] == 0)
+    assert torch.all(merged.teacher_dist_logprobs[merged.response_mask == 0] == 0)
+    assert merged.policy_version == 2 and merged.alpha == 0.2
+
+
+def test_canonical_order_does_not_depend_on_arrival_order():
+    rollouts = [_rollout([[1, 2]], [[3]]), _rollout([[1]], [[4, 5]]), _rollout([[2]], [[1]]),
+                _rollout([[1, 2]], [[3]], version=1)]
+    items = [ReplayItem(r, r.policy_version, 1, 0) for r in rollouts]
+    expected = [id(item) for item in canonical_order(items)]
+    for permutation in ([3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]):
+        assert [id(item) for item in canonical_order([items[i] for i in permutation])] == expected
+    assert canonical_order(items)[-1].policy_version == 1  # older versions first
+
+
+def test_round_prompts_cover_every_prompt_once_per_epoch_even_across_round_edges():
+    num_prompts, per_round = 10, 4  # rounds straddle epoch boundaries
+    positions = [i for r in range(5) for i in round_prompt_indices(7, r, per_round, num_prompts)]
+    assert sorted(positions[:10]) == list(range(10)) and sorted(positions[10:20]) == list(range(10))
+    assert positions[:10] != positions[10:20]  # a new permutation each epoch
+    assert round_prompt_indices(7, 3, per_round, num_prompts) == positions[12:16]  # pure function of the round
+
+
+def test_small_helpers():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 2) == [[1]]
+    assert parse_checkpoint_tag(checkpoint_tag(1, "minillm", 42)) == (1, "minillm", 42)
+    assert min(checkpoint_tag(1, "minillm", 2), checkpoint_tag(0, "sft", 10)).startswith("phase0")
+    assert [s for s in range(1, 10) if crossed_interval(s - 1, s, 3)] == [3, 6, 9]
+    assert crossed_interval(2, 4, 3) and not crossed_interval(3, 5, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the CLI
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def _train(assets, out: Path, *overrides: str, resume: str | None = None,
+           timeout: int = 240) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "minillm_rl.cli", "train", "--config", str(RECIPE),
+            f"model.teacher={assets['teacher']}", f"model.student={assets['student']}",
+            f"data.train={assets['data']}", f"output.dir={out}", *overrides]
+    if resume is not None:
+        args += ["--resume", resume]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_ok(result: subprocess.CompletedProcess, expected: int = 0) -> None:
+    assert result.returncode == expected, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+@pytest.mark.parametrize("ds_config, max_staleness", [("zero2_fp32_cpu.json", 0), ("zero3_fp32_cpu.json", 1)])
+def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_config, max_staleness):
+    out = tmp_path / "run"
+    result = _train(assets, out, f"runtime.deepspeed_config=ds_configs/{ds_config}",
+                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01")
+    _check_ok(result)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["total_steps"] == SFT_STEPS + 6
+
+    records = _metrics(out)
+    scored = [r for r in records if r["stage"] == "minillm" and "validation_rouge_l" in r]
+    best = json.loads((out / "best.json").read_text())
+    top = max(scored, key=lambda r: r["validation_rouge_l"])
+    assert best["phase"] == "minillm" and best["protocol"].startswith("validation")
+    assert best["validation_rouge_l"] == top["validation_rouge_l"]
+    assert best["step"] == min(r["step"] for r in scored if r["validation_rouge_l"] == top["validation_rouge_l"])
+    assert [r["step"] for r in scored] == [0, 4, 6]  # the SFT init, eval_interval 3 crossed at 4, phase end
+    best_model = AutoModelForCausalLM.from_pretrained(out / "best")
+    assert best_model.config.num_hidden_layers == 1
+    if best["step"] == 6:  # selected the last weights: best/ must be exactly final/
+        final = _weights(out / "final")
+        assert all(torch.equal(value, final[name]) for name, value in best_model.state_dict().items())
+
+    # SFT init = lowest validation loss.
+    sft_losses = [(r["validation_loss"], r["step"]) for r in records if "validation_loss" in r]
+    assert summary["best_validation_loss"] == min(sft_losses)[0]
+
+    # Replay accounting balances; rollouts are never staler than max_staleness.
+    replay = summary["replay"]
+    assert replay["produced"] == replay["consumed"] + replay["dropped_stale"] + replay["lost_on_restore"] \
+        + replay["in_store_samples"]
+    rounds = [r for r in records if "round" in r]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and replay["consumed"] == 3 * 8
+    for r in rounds:
+        assert r["learner_policy_version"] == r["round"]
+        assert r["learner_policy_version"] - max_staleness <= r["rollout_policy_version/min"]
+        assert r["rollout_policy_version/max"] <= r["learner_policy_version"]
+        if max_staleness == 0:
+            assert r["rollout_policy_version/min"] == r["learner_policy_version"]
+    if max_staleness == 1:  # overlapped: rounds after the first were generated one version back
+        assert [r["rollout_policy_version/min"] for r in rounds] == [0, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _check_ok(_train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01"))
+    return out
+
+
+@pytest.mark.parametrize("stop_after, expected_tag", [
+    (SFT_STEPS + 2, "phase1-minillm-step00000002"),  # inside MiniLLM, after its first round
+    (SFT_STEPS, "phase0-sft-step00000006"),  # the last SFT step: the SFT -> MiniLLM boundary
+])
+def test_preempted_run_resumes_to_the_same_weights_and_best(assets, tmp_path, uninterrupted, stop_after,
+                                                            expected_tag):
+    out = tmp_path / "run"
+    stopped = _train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01",
+                     f"runtime.stop_after_steps={stop_after}")
+    _check_ok(stopped, EXIT_PREEMPTED)
+    assert (out / "checkpoints" / "latest").read_text().strip() == expected_tag
+    assert not (out / "final").exists()
+
+    _check_ok(_train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01", resume="auto"))
+    reference, resumed = _weights(uninterrupted / "final"), _weights(out / "final")
+    assert reference.keys() == resumed.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0, msg=name)
+    assert json.loads((out / "best.json").read_text()) == json.loads((uninterrupted / "best.json").read_text())
+    # The resumed process continued from the checkpoint instead of starting over: every SFT
+    # step and MiniLLM round was logged exactly once over the two processes.
+    records = _metrics(out)
+    assert [r["step"] for r in records if r["stage"] == "sft" and "loss" in r] == list(range(1, SFT_STEPS + 1))
+    assert [r["round"] for r in records if "round" in r] == [0, 1, 2]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["total_steps"] == SFT_STEPS + 6 and summary["replay"]["consumed"] == 3 * 8
+    assert summary["replay"]["produced"] == summary["replay"]["consumed"]
+
+
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(assets, tmp_path):
+    out = tmp_path / "run"
+    result = _train(assets, out, "sampling.alpha=1.5", timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sampling.alpha" in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_mismatched_tokenizers_are_refused(assets, tmp_path):
+    from tiny_assets import tiny_llama, tiny_tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "other_teacher"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(["x", "y"])}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(other)
+    tiny_llama(len(tiny_tokenizer()), 1, 0, 0.1).save_pretrained(other)
+    out = tmp_path / "run"
+    result = _train(assets, out, "runtime.num_learners=1", f"model.teacher={other}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("minillm-rl: error:")]
+    assert len(error) == 1 and "tokenizers differ" in error[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("phase", ["seqkd", "kd"])
+def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
+    """The first logged loss (before any update) must be the loss of the initial student on the
+    teacher's targets: seqkd on the teacher's samples (not the human answers), kd with the
+    teacher's distribution mixed into the CE."""
+    from minillm_rl.batching import collate_supervised
+    from minillm_rl.coordinator import derived_seed, epoch_order, split_evenly
+    from minillm_rl.data import load_instructions, split_validation, tokenize_examples
+    from minillm_rl.forward import response_logits
+    from minillm_rl.models import load_causal_lm, load_tokenizer
+    from minillm_rl.rollout.sampler import SamplingConfig
+    from minillm_rl.rollout.worker import RolloutWorker
+    from minillm_rl.trainer.sft import supervised_micro_batch_loss
+
+    out = tmp_path / "run"
+    _check_ok(_train(assets, out, "runtime.num_learners=1", f"train.phases=[{phase}]"))
+    tokenizer = load_tokenizer(assets["student"])
+    train, _ = split_validation(load_instructions(str(assets["data"])).examples, 8, 0)
+    train, _ = tokenize_examples(train, tokenizer, 64, 16, template="minillm")
+    rows = epoch_order(1, "sft", 0, len(train))[:8]  # train.seed 1, first global batch of 8
+    student, teacher = load_causal_lm(assets["student"]), load_causal_lm(assets["teacher"])
+    human = collate_supervised([train[i].prompt_ids for i in rows], [train[i].response_ids for i in rows], 0)
+    with torch.no_grad():
+        human_ce = supervised_micro_batch_loss(student, human)[0].item()
+        if phase == "seqkd":
+            targets = [json.loads(line)["response_ids"] for line in (out / "seqkd_targets.jsonl").read_text().splitlines()]
+            worker = RolloutWorker(assets["teacher"], assets["student"], assets["student"])
+            sampling = SamplingConfig(alpha=1.0, max_new_tokens=8, teacher_dist="none")
+            expected = []
+            for shard_index, shard in enumerate(split_evenly([e.prompt_ids for e in train], 2)):
+                rollout = worker.generate(shard, sampling, derived_seed(1, "seqkd", shard_index), -1)
+                expected += [ids[mask > 0].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+            assert targets == expected
+            assert sum(t != e.response_ids for t, e in zip(targets, train)) > len(train) // 2
+            batch = collate_supervised([train[i].prompt_ids for i in rows], [targets[i] for i in rows], 0)
+            expected_loss = supervised_micro_batch_loss(student, batch)[0].item()
+        else:
+            teacher_logprobs = torch.log_softmax(response_logits(teacher, human.prompt_ids, human.prompt_mask,
+                                                                 human.response_ids, human.response_mask), -1)
+            expected_loss = supervised_micro_batch_loss(student, human, teacher_logprobs, kd_ratio=0.5)[0].item()
+    first = next(r for r in _metrics(out) if r["stage"] == phase and "loss" in r)
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    assert abs(expected_loss - human_ce) > 1e-3  # the check above could tell the two apart
+    assert json.loads((out / "best.json").read_text())["phase"] == phase

@@ -5,7 +5,7 @@ The training loops in :mod:`minillm_rl.trainer` only talk to an engine's ``backw
 so the DeepSpeed engine built here runs the same loss code as the single-process
 :class:`~minillm_rl.trainer.engine.TorchEngine`.
 
-Data parallelism (``data_parallel_ppo_round``): every rank holds the whole round of rollouts and
+Data parallelism (:func:`minillm_rl.trainer.minillm.ppo_round`): every rank holds the whole round of rollouts and
 draws the same seeded global permutation; a global micro-batch of ``W * m`` rows (``W`` ranks,
 micro-batch ``m`` per rank) is split across the ranks, and each rank's token-mean loss is scaled
 by ``its valid tokens * W / all valid tokens of the global micro-batch``. DeepSpeed averages the
@@ -29,15 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minillm_rl.advantages import AdvantageConfig
-from minillm_rl.rollout.sampler import Rollout, SamplingConfig
 from minillm_rl.config import OptimConfig
 from minillm_rl.trainer.engine import lr_factor
-from minillm_rl.trainer.minillm import (
-    MiniLLMLossConfig,
-    minillm_micro_batch_loss,
-    select_rows,
-)
+from minillm_rl.trainer.minillm import rank_and_world as _rank_and_world
 
 DEFAULT_EXPORT_BUCKET_NUMEL = 50_000_000  # 200 MB of fp32 gathered at a time under ZeRO-3
 # DeepSpeed merges client_state into its own checkpoint dict (keys like "global_steps", "module"),
@@ -117,12 +111,6 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
 # --------------------------------------------------------------------------------------------
 # Engine
 # --------------------------------------------------------------------------------------------
@@ -196,112 +184,6 @@ def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[
         config=config,
     )
     return engine
-
-
-# --------------------------------------------------------------------------------------------
-# Data-parallel MiniLLM round
-# --------------------------------------------------------------------------------------------
-
-def global_micro_batches(batch_size: int, micro_batch_size: int, world_size: int,
-                         generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """One epoch of global micro-batches: row indices ``[<= W * m]`` of a seeded permutation of
-    the round. The permutation draws the same ``randperm`` as the single-process ``ppo_round``,
-    so the row order of a round does not depend on the world size."""
-    order = torch.randperm(batch_size, generator=generator)
-    step = micro_batch_size * world_size
-    for start in range(0, batch_size, step):
-        yield order[start : start + step]
-
-
-def rank_rows(global_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows of a global micro-batch (strided, so a short last micro-batch whose size
-    is a multiple of ``world_size`` still gives every rank rows)."""
-    return global_rows[rank::world_size]
-
-
-def _check_same_round(rollout: Rollout, group: dist.ProcessGroup | None, world_size: int,
-                      device: torch.device) -> None:
-    """Every rank must pass the same round: compare batch size and policy version across ranks."""
-    local = torch.tensor([rollout.response_ids.shape[0], rollout.policy_version], dtype=torch.long, device=device)
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(gathered, local, group=group)
-    for rank, other in enumerate(gathered):
-        if not torch.equal(other, gathered[0]):
-            raise ValueError(
-                f"data_parallel_ppo_round: rank {rank} got (rows, policy_version)={tuple(other.tolist())}, "
-                f"rank 0 {tuple(gathered[0].tolist())}; every rank must pass the same round of rollouts"
-            )
-
-
-def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
-                        group: dist.ProcessGroup | None = None) -> tuple[float, float]:
-    """Backward of this rank's token-mean ``loss`` (over ``num_tokens`` valid tokens) scaled so
-    that DeepSpeed's mean over ranks is the token mean over all ranks' tokens.
-
-    Returns ``(global token-mean loss, global token count)``, the same on every rank.
-    """
-    _, world_size = _rank_and_world(group)
-    tokens = num_tokens.detach().double()
-    # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
-    # the scale that turns DeepSpeed's mean over ranks into that token mean.
-    totals = torch.stack([tokens, tokens * loss.detach().double()]).to(getattr(engine, "device", "cpu"))
-    if world_size > 1:
-        dist.all_reduce(totals, group=group)
-    total_tokens = totals[0].clamp(min=1.0)
-    engine.backward(loss * (tokens.to(totals.device) * world_size / total_tokens).to(loss.dtype))
-    return (totals[1] / total_tokens).item(), totals[0].item()
-
-
-def data_parallel_ppo_round(
-    engine,
-    rollout: Rollout,
-    sampling: SamplingConfig,
-    advantage_cfg: AdvantageConfig,
-    loss_cfg: MiniLLMLossConfig,
-    ppo_epochs: int,
-    micro_batch_size: int,
-    generator: torch.Generator,
-    group: dist.ProcessGroup | None = None,
-) -> list[dict[str, float]]:
-    """``ppo_epochs`` passes over the round, one optimizer step per global micro-batch.
-
-    Args:
-        engine: a DeepSpeed engine (or a ``TorchEngine`` when no process group is up).
-        rollout: the whole round, identical on every rank (``B`` rows, ``B`` divisible by the
-            number of ranks ``W``), on any device: each micro-batch is moved to the engine's.
-        micro_batch_size: rows per rank per step (``m``); each optimizer step sees ``W * m`` rows.
-        generator: seeded identically on every rank (it draws the shared permutation).
-        group: the data-parallel group (``None``: the world).
-
-    Returns:
-        One stats dict per step, in order. ``loss`` is the global micro-batch's token-mean loss
-        (the same on every rank); the other entries describe this rank's rows only.
-    """
-    rank, world_size = _rank_and_world(group)
-    batch_size = rollout.response_ids.shape[0]
-    if batch_size % world_size:
-        raise ValueError(f"data_parallel_ppo_round: {batch_size} rollouts cannot be split over {world_size} ranks "
-                         f"(the round size must be a multiple of the number of ranks)")
-    device = getattr(engine, "device", torch.device("cpu"))  # DeepSpeed's; TorchEngine runs on CPU
-    if world_size > 1:
-        _check_same_round(rollout, group, world_size, device)
-    history = []
-    for epoch in range(ppo_epochs):
-        for global_rows in global_micro_batches(batch_size, micro_batch_size, world_size, generator):
-            micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
-            lr = engine.get_lr()[0]
-            loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
-            global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group)
-            engine.step()
-            stats.update({
-                "loss": global_loss,
-                "tokens": total_tokens,
-                "lr": float(lr),
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "ppo_epoch": epoch,
-            })
-            history.append(stats)
-    return history
 
 
 # --------------------------------------------------------------------------------------------

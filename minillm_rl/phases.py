@@ -31,7 +31,7 @@ from minillm_rl.coordinator import (
     split_evenly,
 )
 from minillm_rl.data import TokenizedExample
-from minillm_rl.learner import data_parallel_ppo_round, token_mean_backward
+from minillm_rl.trainer.minillm import ppo_round, token_mean_backward
 from minillm_rl.rollout.sampler import SamplingConfig
 from minillm_rl.tracking import atomic_write_text
 from minillm_rl.trainer.minillm import MiniLLMLossConfig
@@ -279,7 +279,7 @@ def run_minillm(run: TrainingRun, engine) -> None:
         timings["time/transfer"] = time.perf_counter() - started
         started = time.perf_counter()
         learner_version = progress.policy_version
-        history = data_parallel_ppo_round(engine, rollout, sampling, advantage_cfg, loss_cfg, train.ppo_epochs,
+        history = ppo_round(engine, rollout, sampling, advantage_cfg, loss_cfg, train.ppo_epochs,
                                           train.micro_batch_size // run.world_size,
                                           torch.Generator().manual_seed(derived_seed(train.seed, "ppo", round_index)))
         timings["time/learn"] = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 Launched as ``deepspeed --num_gpus N tests/ds_learner_script.py ...`` (or plain ``python`` for a
 world of one). Every run starts from the same student weights and replays the same round of
-rollouts ``--rounds`` times through :func:`data_parallel_ppo_round`; rank 0 saves the per-step
+rollouts ``--rounds`` times through :func:`ppo_round` (DeepSpeed engine); rank 0 saves the per-step
 stats and the exported weights. With ``--checkpoint-dir`` it also saves a checkpoint, trains one
 more round, then rebuilds a fresh engine, loads the checkpoint and trains that round again.
 """
@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.learner import (
     build_engine,
-    data_parallel_ppo_round,
     export_student_state,
     init_distributed,
     load_checkpoint,
@@ -25,7 +24,7 @@ from minillm_rl.learner import (
 )
 from minillm_rl.rollout.sampler import SamplingConfig
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.minillm import MiniLLMLossConfig
+from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
 
 
 def build_student(data: dict) -> torch.nn.Module:
@@ -37,7 +36,7 @@ def build_student(data: dict) -> torch.nn.Module:
 def train_rounds(engine, data: dict, rounds: int, generator: torch.Generator) -> list[dict[str, float]]:
     history = []
     for _ in range(rounds):
-        history += data_parallel_ppo_round(engine, data["rollout"], SamplingConfig(**data["sampling"]),
+        history += ppo_round(engine, data["rollout"], SamplingConfig(**data["sampling"]),
                                            AdvantageConfig(), MiniLLMLossConfig(), data["ppo_epochs"],
                                            data["micro_batch_size"], generator)
     return history

@@ -2,12 +2,21 @@
 
 ``minillm_micro_batch_loss`` is the whole objective for one micro-batch of rollouts;
 ``ppo_round`` runs ``ppo_epochs`` shuffled passes of it over a round's rollouts, one optimizer
-step per micro-batch, after which the caller discards the rollouts and samples afresh.
+step per global micro-batch, after which the caller discards the rollouts and samples afresh.
+
+One code path for one process and for data-parallel learners: every rank holds the whole round
+and draws the same seeded global permutation; a global micro-batch of ``W * m`` rows (``W``
+ranks, micro-batch ``m`` per rank) is split across the ranks, and each rank's token-mean loss is
+scaled by ``its valid tokens * W / all valid tokens of the global micro-batch``. DeepSpeed
+averages gradients over ranks, so each step follows the gradient of the token mean over the
+global micro-batch: ``W`` ranks x ``m`` is the same optimisation as 1 rank x ``W * m``.
+Advantage whitening is pooled over the same ranks (``group``), so it matches too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +80,63 @@ def minillm_micro_batch_loss(
     return loss, stats
 
 
+def rank_and_world(group: torch.distributed.ProcessGroup | None = None) -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return 0, 1
+
+
+
+def global_micro_batches(batch_size: int, micro_batch_size: int, world_size: int,
+                         generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of global micro-batches: row indices ``[<= W * m]`` of a seeded permutation of
+    the round. The permutation draws the same ``randperm`` as every world size,
+    so the row order of a round does not depend on the world size."""
+    order = torch.randperm(batch_size, generator=generator)
+    step = micro_batch_size * world_size
+    for start in range(0, batch_size, step):
+        yield order[start : start + step]
+
+
+def rank_rows(global_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of a global micro-batch (strided, so a short last micro-batch whose size
+    is a multiple of ``world_size`` still gives every rank rows)."""
+    return global_rows[rank::world_size]
+
+
+def _check_same_round(rollout: Rollout, group: torch.distributed.ProcessGroup | None, world_size: int,
+                      device: torch.device) -> None:
+    """Every rank must pass the same round: compare batch size and policy version across ranks."""
+    local = torch.tensor([rollout.response_ids.shape[0], rollout.policy_version], dtype=torch.long, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, local, group=group)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise ValueError(
+                f"ppo_round: rank {rank} got (rows, policy_version)={tuple(other.tolist())}, "
+                f"rank 0 {tuple(gathered[0].tolist())}; every rank must pass the same round of rollouts"
+            )
+
+
+def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
+                        group: torch.distributed.ProcessGroup | None = None) -> tuple[float, float]:
+    """Backward of this rank's token-mean ``loss`` (over ``num_tokens`` valid tokens) scaled so
+    that DeepSpeed's mean over ranks is the token mean over all ranks' tokens.
+
+    Returns ``(global token-mean loss, global token count)``, the same on every rank.
+    """
+    _, world_size = rank_and_world(group)
+    tokens = num_tokens.detach().double()
+    # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
+    # the scale that turns DeepSpeed's mean over ranks into that token mean.
+    totals = torch.stack([tokens, tokens * loss.detach().double()]).to(getattr(engine, "device", "cpu"))
+    if world_size > 1:
+        torch.distributed.all_reduce(totals, group=group)
+    total_tokens = totals[0].clamp(min=1.0)
+    engine.backward(loss * (tokens.to(totals.device) * world_size / total_tokens).to(loss.dtype))
+    return (totals[1] / total_tokens).item(), totals[0].item()
+
+
 def ppo_round(
     engine,
     rollout: Rollout,
@@ -82,21 +148,42 @@ def ppo_round(
     generator: torch.Generator,
     group: torch.distributed.ProcessGroup | None = None,
 ) -> list[dict[str, float]]:
-    """``ppo_epochs`` shuffled passes over ``rollout``; one optimizer step per micro-batch.
+    """``ppo_epochs`` passes over the round, one optimizer step per global micro-batch.
 
-    ``engine`` is a DeepSpeed engine or a :class:`~minillm_rl.trainer.engine.TorchEngine`.
-    Returns the stats of every micro-batch, in order.
+    Args:
+        engine: a DeepSpeed engine (or a ``TorchEngine`` when no process group is up).
+        rollout: the whole round, identical on every rank (``B`` rows, ``B`` divisible by the
+            number of ranks ``W``), on any device: each micro-batch is moved to the engine's.
+        micro_batch_size: rows per rank per step (``m``); each optimizer step sees ``W * m`` rows.
+        generator: seeded identically on every rank (it draws the shared permutation).
+        group: the data-parallel group (``None``: the world).
+
+    Returns:
+        One stats dict per step, in order. ``loss`` is the global micro-batch's token-mean loss
+        (the same on every rank); the other entries describe this rank's rows only.
     """
+    rank, world_size = rank_and_world(group)
     batch_size = rollout.response_ids.shape[0]
+    if batch_size % world_size:
+        raise ValueError(f"ppo_round: {batch_size} rollouts cannot be split over {world_size} ranks "
+                         f"(the round size must be a multiple of the number of ranks)")
+    device = getattr(engine, "device", torch.device("cpu"))  # DeepSpeed's; TorchEngine runs on CPU
+    if world_size > 1:
+        _check_same_round(rollout, group, world_size, device)
     history = []
     for epoch in range(ppo_epochs):
-        order = torch.randperm(batch_size, generator=generator)
-        for start in range(0, batch_size, micro_batch_size):
-            micro = select_rows(rollout, order[start : start + micro_batch_size])
+        for global_rows in global_micro_batches(batch_size, micro_batch_size, world_size, generator):
+            micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
+            lr = engine.get_lr()[0]
             loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
-            engine.backward(loss)
+            global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group)
             engine.step()
-            stats["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            stats["ppo_epoch"] = epoch
+            stats.update({
+                "loss": global_loss,
+                "tokens": total_tokens,
+                "lr": float(lr),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "ppo_epoch": epoch,
+            })
             history.append(stats)
     return history

@@ -150,9 +150,9 @@ def _run_minillm(student, teacher, train, valid, tokenizer, settings, metrics, l
         if round_index % settings.eval_interval_rounds == 0 or round_index == settings.minillm_rounds:
             score = _validation_rouge(student, valid, tokenizer, settings)
             metrics.log("minillm", round_index, {"validation_rouge_l": score})
-            log(f"minillm: round {round_index} validation Rouge-L {score:.2f} (best {best_score:.2f})")
             if score > best_score:
                 best_score, best_state, best_round = score, copy.deepcopy(student.state_dict()), round_index
+            log(f"minillm: round {round_index} validation Rouge-L {score:.2f} (best {best_score:.2f})")
     student.load_state_dict(best_state)
     return student, best_round, best_score
 

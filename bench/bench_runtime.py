@@ -42,15 +42,7 @@ sys.path.insert(0, str(REPO))
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.config import OptimConfig
 from minillm_rl.data import InstructionExample, format_prompt, load_instructions
-from minillm_rl.models import (
-    evenly_spaced_layers,
-    find_smollm2_gguf,
-    gguf_to_hf,
-    load_causal_lm,
-    load_tokenizer,
-    prune_student,
-    save_model_dir,
-)
+from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_and_student
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.trainer.engine import TorchEngine
 from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
@@ -67,14 +59,7 @@ TRL_SYSTEMS = (
 
 def model_dirs() -> tuple[Path, Path]:
     """Teacher and 6-layer student HF directories under ``artifacts/``, made once."""
-    gguf = find_smollm2_gguf()
-    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, ARTIFACTS / "smollm2-135m-instruct")
-    student_dir = ARTIFACTS / f"smollm2-135m-student-{STUDENT_LAYERS}l"
-    if not (student_dir / "config.json").is_file():
-        teacher = load_causal_lm(teacher_dir)
-        keep = evenly_spaced_layers(teacher.config.num_hidden_layers, STUDENT_LAYERS)
-        save_model_dir(prune_student(teacher, keep), load_tokenizer(teacher_dir), student_dir)
-    return teacher_dir, student_dir
+    return smollm2_teacher_and_student(ARTIFACTS, STUDENT_LAYERS)
 
 
 def short_user_turns(tokenizer, count: int, prompt_len: int) -> list[str]:

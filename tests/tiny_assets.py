@@ -25,13 +25,19 @@ TEMPLATE_WORDS = ["Below", "is", "an", "instruction", "that", "describes", "task
                   "paired", "with", "input", "provides", "further", "context", "Input"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ``<pad>`` = 0, ``</s>`` (EOS) = 1, ``<unk>`` = 2, then
+    ``words`` in order (duplicates once)."""
     vocab: dict[str, int] = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in WORDS + TEMPLATE_WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(WORDS + TEMPLATE_WORDS)
 
 
 def tiny_llama(vocab_size: int, num_layers: int, seed: int, init_std: float) -> LlamaForCausalLM:

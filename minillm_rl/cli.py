@@ -1,7 +1,8 @@
 """``minillm-rl``: argument parsing only; every subcommand calls a library function.
 
 User errors (bad files, fields, values) are ``ValueError``s with a one-line message; they are
-printed as ``minillm-rl: error: ...`` with exit code 2, never as a traceback.
+printed as ``minillm-rl: error: ...`` with exit code 2, never as a traceback; run-time failures
+(``RunFailed``, timeouts) as ``minillm-rl: run failed: ...`` with exit code 1 (see :mod:`minillm_rl.errors`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import dataclasses
 import os
 import sys
+
+from minillm_rl.errors import EXIT_BAD_INPUT, EXIT_FAILED, RunFailed
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -103,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except ValueError as err:
         print(f"minillm-rl: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except (RunFailed, TimeoutError) as err:
+        print(f"minillm-rl: run failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     return code or 0
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
+from minillm_rl.errors import EXIT_PREEMPTED
 from minillm_rl.evaluation import EvalConfig, evaluate
 from minillm_rl.learner import (
     build_engine,
@@ -63,7 +64,6 @@ from minillm_rl.rollout.sampler import Rollout
 from minillm_rl.tracking import MetricsLogger, atomic_write_json
 from minillm_rl.weights import state_dict_payload
 
-EXIT_PREEMPTED = 3
 # Used when runtime.deepspeed_config is not set: ZeRO-2 in fp32, which runs on CPU and GPU.
 DEFAULT_DS_CONFIG = {"gradient_accumulation_steps": 1, "steps_per_print": 10**9, "wall_clock_breakdown": False,
                      "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}

@@ -23,7 +23,7 @@ from minillm_rl.models import (
     load_causal_lm,
     prune_student,
 )
-from minillm_rl.rollout.sampler import Rollout, SamplingConfig, _decode, sample_rollouts
+from minillm_rl.rollout.sampler import Rollout, SamplingConfig, _decode, sample_categorical, sample_rollouts
 
 torch.set_num_threads(2)
 
@@ -230,6 +230,22 @@ def test_sampled_distribution_matches_exact_mixture():
     assert _chi_square_pvalue(draw(alpha), probs) > 1e-3
     # Power: the student alone (what sampling without the teacher mix would do) is rejected.
     assert _chi_square_pvalue(draw(0.0), probs) < 1e-3
+
+
+def test_sample_categorical_frequencies_and_zero_probability_tokens():
+    pytest.importorskip("scipy")
+    from scipy.stats import chisquare
+
+    # Unnormalised rows with zeros at both ends and in the middle: those ids must never appear.
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    draws = sample_categorical(weights.repeat(10000, 1), torch.Generator().manual_seed(0)).view(10000, 2)
+    assert (draws[:, 1] == 5).all()
+    counts = torch.bincount(draws[:, 0], minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert chisquare(counts[[1, 3, 4]].tolist(), [3000.0, 1000.0, 6000.0]).pvalue > 1e-3
+    # Same generator state, same draws.
+    again = sample_categorical(weights.repeat(10000, 1), torch.Generator().manual_seed(0)).view(10000, 2)
+    assert torch.equal(draws, again)
 
 
 def test_vocab_mismatch_is_refused():

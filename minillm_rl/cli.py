@@ -60,6 +60,39 @@ def _train(args: argparse.Namespace) -> int:
     return run_training(cfg, args.resume)
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+    from minillm_rl.data.prepared import PrepareSettings, format_counts, prepare_dataset
+    from minillm_rl.models import load_tokenizer
+
+    settings = PrepareSettings(template=args.template, max_prompt_tokens=args.max_prompt_tokens,
+                               max_length=args.max_length, num_validation=args.num_validation,
+                               split_seed=args.split_seed, split=args.split, skip_bad_records=args.skip_bad_records)
+    manifest = prepare_dataset(args.data, load_tokenizer(args.tokenizer), args.tokenizer, args.out, settings,
+                               args.pretrain_corpus or (), args.block_size, overwrite=args.overwrite)
+    print(format_counts(manifest))
+    print(f"prepared dataset written to {args.out} (use it as data.train in a recipe)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from minillm_rl.report import build_report
+
+    report = build_report(args.runs, args.out)
+    print(report.table)
+    print(f"report: {report.report_path}" + (f"  curves: {report.curves_path}" if report.curves_path else ""))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from minillm_rl.plan import build_plan, execute, placeholder_cluster, read_hostfile, render_text
+
+    cluster = read_hostfile(args.hostfile) if args.hostfile else placeholder_cluster(args.nodes, args.gpus_per_node)
+    plan = build_plan(args.config, args.overrides, cluster, args.eval_split, args.eval_data)
+    print(json.dumps(plan, indent=2) if args.json else render_text(plan), flush=True)
+    if args.execute:
+        execute(plan, args.log_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm-rl", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # put first by the deepspeed launcher
@@ -97,6 +130,43 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--layers", type=int, required=True, help="number of layers to keep")
     init.add_argument("--out", required=True)
     init.set_defaults(func=_init_student)
+
+    prep = sub.add_parser("prepare-data", help="split + tokenise instruction data once into a versioned dataset dir")
+    prep.add_argument("--data", required=True, help="jsonl / json file, 'sharegpt', or a datasets name/dir")
+    prep.add_argument("--tokenizer", required=True, help="the student's model directory (or hub name)")
+    prep.add_argument("--out", required=True, help="new directory for the prepared dataset")
+    prep.add_argument("--split", default="train", help="dataset split for datasets sources (default: train)")
+    prep.add_argument("--template", default="minillm", choices=["minillm", "chat"])
+    prep.add_argument("--max-prompt-tokens", type=int, default=256)
+    prep.add_argument("--max-length", type=int, default=512, help="prompt + response token budget")
+    prep.add_argument("--num-validation", type=int, default=1000)
+    prep.add_argument("--split-seed", type=int, default=0)
+    prep.add_argument("--skip-bad-records", action="store_true", help="count malformed records instead of failing")
+    prep.add_argument("--pretrain-corpus", nargs="+", default=None, metavar="FILE", help="plain-text PT files/dirs")
+    prep.add_argument("--block-size", type=int, default=None, help="tokens per PT block")
+    prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (once the new one is done)")
+    prep.set_defaults(func=_prepare_data)
+
+    rep = sub.add_parser("report", help="comparison table (report.md) + training curves (curves.png) of runs")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run / demo / eval directory, or NAME=DIR")
+    rep.add_argument("--out", default="runs/report", help="output directory (default: runs/report)")
+    rep.set_defaults(func=_report)
+
+    plan = sub.add_parser("plan", help="roles, GPUs, memory per GPU and exact commands of recipes run in order "
+                                       "(no GPU, no weights); --execute runs them")
+    plan.add_argument("--config", required=True, action="append",
+                      help="recipe YAML; repeat for stages run in order (e.g. teacher SFT, then the student)")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the last --config")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (without --hostfile; default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (without --hostfile; 0 = CPU)")
+    plan.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('HOST slots=N' lines)")
+    plan.add_argument("--eval-split", default=None,
+                      help="add a test stage: `minillm-rl eval` of the last recipe's best/ on this split")
+    plan.add_argument("--eval-data", default=None, help="test data (default: the last recipe's data.train)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--execute", action="store_true", help="run the plan's commands after printing it")
+    plan.add_argument("--log-dir", default="runs/plan-logs", help="logs of commands run on other hosts")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -181,6 +181,8 @@ class RuntimeConfig:
     replay_max_samples: int = _bounded(1024, low=1)
     replay_max_bytes: int = _bounded(16 * 2**30, low=1)
     worker_threads: int = _bounded(2, low=1)
+    # GPUs each rollout worker actor asks Ray for (teacher + student copy on them); 0 = CPU actors.
+    worker_gpus: int = _bounded(0, low=0)
     rpc_timeout_s: float = _bounded(600.0, low=0.0, low_open=True)
     collective_timeout_s: float = _bounded(1800.0, low=0.0, low_open=True)
     weight_sync_timeout_s: float = _bounded(600.0, low=0.0, low_open=True)
@@ -190,6 +192,9 @@ class RuntimeConfig:
     # Simulate preemption: checkpoint and exit with code 3 once this many optimizer steps (all
     # phases together) are done, at the first step (SFT) or round (MiniLLM) boundary. 0 = off.
     stop_after_steps: int = _bounded(0, low=0)
+    # Optimizer steps with a non-finite loss or gradient are skipped (weights, optimizer state and
+    # LR schedule untouched); this many in a row stop the run (exit 1) with the last checkpoint kept.
+    max_nonfinite_streak: int = _bounded(5, low=1)
 
 
 @dataclass
@@ -448,6 +453,39 @@ def _check_deepspeed_file(config: RunConfig, fail: typing.Callable[[str, str], t
         if ds_value != "auto" and ds_value != recipe_value:
             fail(dotted, f"is {recipe_value!r} but {path} sets {ds_key}={ds_value!r}; make them agree or set it "
                          f"to \"auto\" in the DeepSpeed file")
+    _check_deepspeed_batches(config, path, ds_config, fail)
+
+
+def _check_deepspeed_batches(config: RunConfig, path: Path, ds_config: dict,
+                             fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """The batch keys of the DeepSpeed file against every phase's global batch (rows per optimizer
+    step: ``sft.batch_size`` for supervised phases, ``train.micro_batch_size`` for MiniLLM), as far
+    as they can be checked before the world size is known; the learner checks the rest
+    (:func:`minillm_rl.learner.resolve_ds_config`). One file serves every phase of the run."""
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            fail("runtime.deepspeed_config", f"{path} has an '{section}' section; remove it: the recipe's optim "
+                                             f"settings define it")
+    accumulation = ds_config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        fail("runtime.deepspeed_config", f"{path} sets gradient_accumulation_steps={accumulation!r}; expected 1 or "
+                                         f"\"auto\" (one optimizer step per global batch)")
+    batches = {("train.micro_batch_size" if phase == "minillm" else "sft.batch_size"):
+               (config.train.micro_batch_size if phase == "minillm" else config.sft.batch_size)
+               for phase in config.train.phases}
+    global_batch = ds_config.get("train_batch_size", "auto")
+    per_rank = ds_config.get("train_micro_batch_size_per_gpu", "auto")
+    for dotted, batch in batches.items():
+        if global_batch != "auto" and global_batch != batch:
+            fail(dotted, f"is {batch} but {path} sets train_batch_size={global_batch!r}; make them agree or set it "
+                         f"to \"auto\" in the DeepSpeed file")
+        if per_rank != "auto" and (not isinstance(per_rank, int) or per_rank < 1 or batch % per_rank):
+            fail(dotted, f"is {batch} but {path} sets train_micro_batch_size_per_gpu={per_rank!r}, which does not "
+                         f"divide it; set it to \"auto\" in the DeepSpeed file")
+    if per_rank != "auto" and len({batch // per_rank for batch in batches.values()}) > 1:
+        implied = ", ".join(f"{dotted}={batch} -> {batch // per_rank} ranks" for dotted, batch in batches.items())
+        fail("runtime.deepspeed_config", f"{path} sets train_micro_batch_size_per_gpu={per_rank}, which needs a "
+                                         f"different world size per phase ({implied}); set it to \"auto\"")
 
 
 def _key_lines(text: str) -> dict[str, int]:

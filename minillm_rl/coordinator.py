@@ -31,7 +31,7 @@ import hashlib
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,9 +42,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from minillm_rl.checkpointing import (
+    best_rouge_tag,
+    checkpoint_tag,
+    discard_manifest,
+    parse_checkpoint_tag,
+    resume_source,
+    rotate_checkpoints,
+    write_manifest,
+)
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-from minillm_rl.errors import EXIT_PREEMPTED
+from minillm_rl.data.prepared import is_prepared_dir, load_prepared
+from minillm_rl.errors import EXIT_PREEMPTED, RunFailed
 from minillm_rl.evaluation import EvalConfig, evaluate
 from minillm_rl.learner import (
     build_engine,
@@ -59,6 +69,7 @@ from minillm_rl.models import (
     load_tokenizer,
     save_model_dir,
 )
+from minillm_rl.preemption import PreemptionSignals, children_ignore_sigusr1
 from minillm_rl.replay import ReplayItem
 from minillm_rl.rollout.sampler import Rollout
 from minillm_rl.tracking import MetricsLogger, atomic_write_json
@@ -73,7 +84,7 @@ _TOKEN_FIELDS = ("prompt_ids", "response_ids")
 
 
 class Preempted(Exception):
-    """``runtime.stop_after_steps`` was reached: a checkpoint was written, the run stops."""
+    """A preemption signal or ``runtime.stop_after_steps``: a checkpoint was written, the run stops."""
 
 
 @dataclass
@@ -85,6 +96,8 @@ class Progress:
     phase_step: int = 0
     total_steps: int = 0
     policy_version: int = 0
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient, all phases
+    nonfinite_streak: int = 0  # of them, how many in a row up to the last step
     best_validation_loss: float = math.inf
     best_validation_loss_step: int = -1
     best_rouge: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -168,20 +181,6 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     return Rollout(**merged, alpha=rollouts[0].alpha, policy_version=min(r.policy_version for r in rollouts))
 
 
-def checkpoint_tag(phase_index: int, phase: str, phase_step: int) -> str:
-    """Tags sort in run order: phase index first, then step."""
-    return f"phase{phase_index}-{phase}-step{phase_step:08d}"
-
-
-def parse_checkpoint_tag(tag: str) -> tuple[int, str, int]:
-    """``(phase_index, phase, phase_step)`` of a :func:`checkpoint_tag`."""
-    try:
-        head, phase, step = tag.split("-")
-        return int(head.removeprefix("phase")), phase, int(step.removeprefix("step"))
-    except ValueError:
-        raise ValueError(f"checkpoint tag {tag!r}: expected phase<i>-<phase>-step<n>") from None
-
-
 def crossed_interval(previous_step: int, step: int, interval: int) -> bool:
     """Whether a multiple of ``interval`` lies in ``(previous_step, step]``."""
     return step // interval > previous_step // interval
@@ -191,6 +190,22 @@ def mean_stats(history: list[dict[str, float]]) -> dict[str, float]:
     """Per-key mean of numeric per-step stats."""
     keys = [k for k, v in history[0].items() if isinstance(v, (int, float))]
     return {key: sum(h[key] for h in history) / len(history) for key in keys}
+
+
+def advance_progress(progress: Progress, applied: list[bool], phase: str, max_streak: int,
+                     last_checkpoint: Path | None) -> None:
+    """Count optimizer steps whose update was (``True``) or was not (non-finite loss or gradient)
+    applied; a skipped step still consumes its data. ``RunFailed`` after ``max_streak`` skipped in
+    a row, raised before any checkpoint of that state; every rank sees the same flags."""
+    for step_applied in applied:
+        progress.phase_step += 1
+        progress.total_steps += 1
+        progress.nonfinite_skipped += not step_applied
+        progress.nonfinite_streak = 0 if step_applied else progress.nonfinite_streak + 1
+        if progress.nonfinite_streak >= max_streak:
+            raise RunFailed(f"{progress.nonfinite_streak} non-finite steps in a row at {phase} step "
+                            f"{progress.phase_step} (runtime.max_nonfinite_streak={max_streak}); last good "
+                            f"checkpoint: {last_checkpoint or 'none (no checkpoint was written yet)'}")
 
 
 def broadcast_from_coordinator(obj: Any, rank: int, world_size: int) -> Any:
@@ -224,15 +239,18 @@ class TrainingRun:
                            for e in self.valid_examples]
         self.exported_version: int | None = None
         self._last_checkpoint_total_step = -1
+        self.last_checkpoint: Path | None = None  # the newest verified checkpoint written or resumed from
+        self.preemption = None  # a PreemptionSignals, set by run_training
         self.metrics = self.eval_model = self.replay = None
         self.workers: list = []
         self._ray_started = False
         if self.is_coordinator:
+            # Loaded before the first write: a student path without weights is bad input too.
+            self.eval_model = load_causal_lm(cfg.model.student, dtype=getattr(torch, cfg.model.dtype),
+                                             gguf_file=cfg.model.student_gguf_file)
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
             self.metrics = MetricsLogger(self.out)
-            self.eval_model = load_causal_lm(cfg.model.student, dtype=getattr(torch, cfg.model.dtype),
-                                             gguf_file=cfg.model.student_gguf_file)
             if any(phase in PHASES_USING_TEACHER for phase in cfg.train.phases):
                 self._start_rollout_side()
 
@@ -262,6 +280,8 @@ class TrainingRun:
 
     def _load_data(self):
         data = self.cfg.data
+        if is_prepared_dir(data.train):  # `minillm-rl prepare-data` output: already split and tokenised
+            return load_prepared(data.train, self.tokenizer, data)
         loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records)
         if len(loaded.examples) <= data.num_validation:
             raise ValueError(f"data.num_validation={data.num_validation} leaves no training examples "
@@ -294,13 +314,24 @@ class TrainingRun:
         student = functools.partial(load_causal_lm, model.student, dtype, model.student_gguf_file)
         tokenizer = functools.partial(load_tokenizer, model.student, model.student_gguf_file)
         self.workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
-                                            seed=self.cfg.train.seed, name=f"rollout-worker-{i}")
+                                            seed=self.cfg.train.seed, name=f"rollout-worker-{i}",
+                                            num_gpus=runtime.worker_gpus,
+                                            device="cuda" if runtime.worker_gpus else "cpu")
                         for i in range(runtime.num_rollout_workers)]
         self.replay = make_replay_store_actor(runtime.replay_max_samples, runtime.replay_max_bytes)
 
     def close(self) -> None:
+        """Close the metrics file and end the rollout side, also after a failure: the actors are
+        killed without restart (a stuck worker stops generating; on a shared cluster they would
+        outlive this process otherwise), and a Ray instance this run started is shut down."""
         if self.metrics is not None:
             self.metrics.close()
+        if self.workers or self.replay is not None:
+            import ray
+
+            for actor in [*self.workers, *([self.replay] if self.replay is not None else [])]:
+                ray.kill(actor, no_restart=True)
+            self.workers, self.replay = [], None
         if self._ray_started:
             import ray
 
@@ -401,7 +432,8 @@ class TrainingRun:
         return call_with_timeout(self.replay.state_dict.remote(), self.cfg.runtime.rpc_timeout_s, "replay.state_dict")
 
     def checkpoint(self, engine) -> None:
-        """DeepSpeed checkpoint + client state (collective); keeps ``output.keep_checkpoints``."""
+        """DeepSpeed checkpoint + client state (collective), then rank 0 writes the manifest that
+        makes it trusted and rotates to ``output.keep_checkpoints`` (see :mod:`minillm_rl.checkpointing`)."""
         if self._last_checkpoint_total_step == self.progress.total_steps:
             return
         client_state = {
@@ -410,27 +442,34 @@ class TrainingRun:
             "replay": self.replay_counters() if self.is_coordinator else None,
         }
         tag = checkpoint_tag(self.progress.phase_index, self.phase_name(), self.progress.phase_step)
-        save_checkpoint(engine, self.checkpoint_dir, tag, client_state)
-        self._last_checkpoint_total_step = self.progress.total_steps
         if self.is_coordinator:
-            tags = sorted(p.name for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("phase"))
-            for old in tags[: -self.cfg.output.keep_checkpoints]:
-                shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
+            discard_manifest(self.checkpoint_dir / tag)  # a stale manifest must not vouch for a rewrite
+        if self.world_size > 1:
+            dist.barrier()  # no rank writes into the tag while its old manifest may still be there
+        save_checkpoint(engine, self.checkpoint_dir, tag, client_state)
+        if self.world_size > 1:
+            dist.barrier()  # every rank's files are complete before they are hashed
+        self._last_checkpoint_total_step = self.progress.total_steps
+        self.last_checkpoint = self.checkpoint_dir / tag
+        if self.is_coordinator:
+            write_manifest(self.checkpoint_dir / tag, {"progress": asdict(self.progress), "world_size": self.world_size})
+            rotate_checkpoints(self.checkpoint_dir, tag, self.cfg.output.keep_checkpoints,
+                               best_rouge_tag(self.cfg.train.phases, self.progress.phase_index, self.progress.best_rouge))
 
     def resume_point(self) -> tuple[Path, str] | None:
-        """``(checkpoint_dir, tag)`` to resume from, or ``None`` for a fresh start."""
-        if self.resume == "none":
-            return None
-        if self.resume == "auto":
-            latest = self.checkpoint_dir / "latest"
-            return (self.checkpoint_dir, latest.read_text().strip()) if latest.is_file() else None
-        path = Path(self.resume)
-        if (path / "latest").is_file():
-            return path, (path / "latest").read_text().strip()
-        if not path.is_dir():
-            raise ValueError(f"--resume {self.resume}: expected 'auto', 'none', a checkpoints directory or "
-                             f"a checkpoint tag directory")
-        return path.parent, path.name
+        """``(checkpoint_dir, tag)`` to resume from (verified, see :func:`resume_source`), or
+        ``None`` for a fresh start. Rank 0 checks the files; every rank gets its answer or error."""
+        answer = None
+        if self.is_coordinator:
+            try:
+                answer = ("ok", resume_source(self.resume, self.checkpoint_dir, lambda line: print(
+                    f"minillm-rl: warning: {line}", file=sys.stderr, flush=True)))
+            except ValueError as err:
+                answer = ("error", str(err))
+        kind, value = broadcast_from_coordinator(answer, self.rank, self.world_size)
+        if kind == "error":
+            raise ValueError(value)
+        return value
 
     def restore(self, client_state: dict) -> None:
         self.progress = Progress(**client_state["progress"])
@@ -445,16 +484,23 @@ class TrainingRun:
                               self.cfg.runtime.rpc_timeout_s, "replay.load_state_dict")
         self._last_checkpoint_total_step = self.progress.total_steps
 
-    def after_steps(self, steps: int) -> None:
-        self.progress.phase_step += steps
-        self.progress.total_steps += steps
+    def after_steps(self, applied: list[bool]) -> None:
+        advance_progress(self.progress, applied, self.phase_name(), self.cfg.runtime.max_nonfinite_streak,
+                         self.last_checkpoint)
 
     def maybe_preempt(self, engine, steps_before: int) -> None:
-        """Checkpoint and stop when this step (or round) crossed ``runtime.stop_after_steps``."""
+        """At a step (SFT) or round (MiniLLM) boundary: checkpoint and stop when this step crossed
+        ``runtime.stop_after_steps`` or any rank received a preemption signal (collective: every
+        rank calls it at every boundary)."""
         stop = self.cfg.runtime.stop_after_steps
         if stop and steps_before < stop <= self.progress.total_steps:
+            reason = "runtime.stop_after_steps"
+        else:
+            reason = self.preemption.requested() if self.preemption is not None else None
+        if reason is not None:
             self.checkpoint(engine)
-            raise Preempted(f"stopped after {self.progress.total_steps} optimizer steps (runtime.stop_after_steps)")
+            raise Preempted(f"stopped after {self.progress.total_steps} optimizer steps ({reason}); "
+                            f"checkpoint {self.last_checkpoint}")
 
     def sft_total_steps(self) -> int:
         steps_per_epoch = len(self.train_examples) // self.cfg.sft.batch_size
@@ -491,6 +537,7 @@ class TrainingRun:
             self.exported_version = None  # eval_model holds the previous phase's weights
             if start is not None and index == first_phase:
                 self.restore(load_checkpoint(engine, *start))
+                self.last_checkpoint = start[0] / start[1]
             else:
                 self.progress.phase_index, self.progress.phase_step = index, 0
             try:
@@ -518,7 +565,7 @@ class TrainingRun:
         atomic_write_json(self.out / "run_summary.json", {
             "total_steps": self.progress.total_steps, "policy_version": self.progress.policy_version,
             "best_validation_loss": self.progress.best_validation_loss, "best_rouge": self.progress.best_rouge,
-            "replay": replay, "world_size": self.world_size,
+            "replay": replay, "world_size": self.world_size, "nonfinite_skipped": self.progress.nonfinite_skipped,
         })
 
 
@@ -530,16 +577,23 @@ def run_training(cfg: RunConfig, resume: str | None = None) -> int:
             checkpoint path; ``None`` uses ``output.resume``.
 
     Returns:
-        The process exit code: 0 when done, :data:`EXIT_PREEMPTED` after a simulated preemption.
+        The process exit code: 0 when done, :data:`EXIT_PREEMPTED` after a preemption signal
+        (SIGTERM / SIGUSR1, see :mod:`minillm_rl.preemption`) or ``runtime.stop_after_steps``.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
     rank, world_size = init_distributed(cfg.runtime.collective_timeout_s)
-    run = TrainingRun(cfg, rank, world_size, resume if resume is not None else cfg.output.resume)
-    try:
-        code = run.run()
-    finally:
-        run.close()
+    # Handlers go in before start-up, so a signal during it is acted on at the first step boundary.
+    with PreemptionSignals(announce=rank == 0, world_size=world_size,
+                           timeout_s=cfg.runtime.collective_timeout_s) as preemption:
+        with children_ignore_sigusr1():  # rank 0 starts Ray's processes here
+            run = TrainingRun(cfg, rank, world_size, resume if resume is not None else cfg.output.resume)
+        preemption.install()  # ray.init (rank 0) replaced the SIGTERM handler with one that aborts
+        run.preemption = preemption
+        try:
+            code = run.run()
+        finally:
+            run.close()
     if world_size > 1:
         dist.barrier()  # no rank tears the group down while another still saves
     return code

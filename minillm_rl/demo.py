@@ -22,8 +22,9 @@ from tqdm import tqdm
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import collate_supervised, left_pad
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-from minillm_rl.evaluation import EvalConfig, evaluate, markdown_table
+from minillm_rl.evaluation import EvalConfig, evaluate
 from minillm_rl.models import load_causal_lm, load_tokenizer, save_model_dir, smollm2_teacher_and_student
+from minillm_rl.report import build_report
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.tracking import MetricsLogger, atomic_write_json, atomic_write_text
 from minillm_rl.config import OptimConfig
@@ -129,6 +130,7 @@ def _run_minillm(student, teacher, train, valid, tokenizer, settings, metrics, l
     generator = torch.Generator().manual_seed(settings.seed + 1)
     best_score = _validation_rouge(student, valid, tokenizer, settings)
     best_state, best_round = copy.deepcopy(student.state_dict()), 0
+    metrics.log("minillm", 0, {"validation_rouge_l": best_score})  # round 0 = the SFT init, on the curves
     log(f"minillm: validation Rouge-L of the SFT init {best_score:.2f}")
     for round_index in tqdm(range(1, settings.minillm_rounds + 1), desc="minillm rounds", dynamic_ncols=True):
         idx = torch.randint(len(train), (settings.rollouts_per_round,), generator=generator).tolist()
@@ -154,8 +156,9 @@ def _run_minillm(student, teacher, train, valid, tokenizer, settings, metrics, l
 
 
 def run_demo(out_dir: str, settings: DemoSettings | None = None) -> dict:
-    """Run the demo end to end; writes ``results.md``/``results.json``, ``metrics.jsonl`` and
-    the best MiniLLM student (an HF directory) under ``out_dir``. Returns the results."""
+    """Run the demo end to end; writes ``results.md``/``results.json``, ``metrics.jsonl``, the best
+    MiniLLM student (an HF directory), ``report.md`` and ``curves.png`` under ``out_dir``. Returns
+    the results."""
     settings = settings or DemoSettings()
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -181,16 +184,19 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None) -> dict:
     rows = []
     for name, model in (("teacher", teacher), ("SFT student", sft_snapshot), ("MiniLLM student", minillm_student)):
         result = evaluate(model, tokenizer, test, references, test_cfg)
-        rows.append({"model": name, "rouge_l": f"{result.rouge_l:.2f}", "exact_match": f"{result.exact_match:.2f}"})
+        rows.append({"model": name, "rouge_l": result.rouge_l, "rouge_l_per_seed": result.rouge_l_per_seed,
+                     "exact_match": result.exact_match})
         log(f"test: {name} Rouge-L {result.rouge_l:.2f}")
-    table = markdown_table(rows, ["model", "rouge_l", "exact_match"])
     results = {"rows": rows, "best_dir": str(best_dir), "best_round": best_round,
                "protocol": f"test, {len(test)} held-out ShareGPT prompts, sampling T=1, no_repeat_ngram_size=6, seed 10",
                "settings": asdict(settings)}
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", f"# minillm_rl demo\n\n{results['protocol']}\n\n{table}\n\n"
-                      f"Best MiniLLM checkpoint: `{best_dir}` (round {best_round}).\n")
     metrics.close()
-    print(table)
-    print(f"best checkpoint: {best_dir}  (metrics: {out / 'metrics.jsonl'})")
+    report = build_report([str(out)], out, title="minillm_rl demo")
+    atomic_write_text(out / "results.md", f"# minillm_rl demo\n\n{results['protocol']}\n\n{report.table}\n"
+                      f"Best MiniLLM checkpoint: `{best_dir}` (round {best_round}). "
+                      f"Training curves: `{report.curves_path}`.\n")
+    print(f"\n{results['protocol']}\n{report.table}")
+    print(f"best checkpoint: {best_dir}  (MiniLLM round {best_round})")
+    print(f"training curves: {report.curves_path}  (metrics: {out / 'metrics.jsonl'})")
     return json.loads(json.dumps(results))

@@ -31,7 +31,7 @@ from minillm_rl.coordinator import (
     split_evenly,
 )
 from minillm_rl.data import TokenizedExample
-from minillm_rl.trainer.minillm import ppo_round, token_mean_backward
+from minillm_rl.trainer.minillm import apply_optimizer_step, ppo_round, token_mean_backward
 from minillm_rl.rollout.sampler import SamplingConfig
 from minillm_rl.tracking import atomic_write_text
 from minillm_rl.trainer.minillm import MiniLLMLossConfig
@@ -148,12 +148,12 @@ def run_supervised(run: TrainingRun, engine) -> None:
         lr = engine.get_lr()[0]
         loss, _ = supervised_micro_batch_loss(engine, batch, teacher_logits=teacher, kd_ratio=cfg.loss.kd_ratio)
         global_loss, tokens = token_mean_backward(engine, loss, batch.response_mask.sum())
-        engine.step()
+        applied = apply_optimizer_step(engine)
         steps_before = progress.total_steps
-        run.after_steps(1)
+        run.after_steps([applied])
         if run.is_coordinator:
             run.metrics.log(phase, progress.phase_step, {
-                "loss": global_loss, "tokens": tokens, "lr": float(lr),
+                "loss": global_loss, "tokens": tokens, "lr": float(lr), "nonfinite_skipped": int(not applied),
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": epoch,
                 "time/step": time.perf_counter() - started,
             })
@@ -177,24 +177,26 @@ def _sampling_config(run: TrainingRun) -> SamplingConfig:
 
 
 class _RolloutClient:
-    """Rank 0's side of generation: weight sync, shard launch, and round assembly."""
+    """Rank 0's side of generation for ``run``: the round's shards and seeds, and its assembly;
+    weight sync, launch and fault recovery are :class:`~minillm_rl.rollout.client.RolloutClient`'s."""
 
     def __init__(self, run: TrainingRun, sampling: SamplingConfig):
-        self.run, self.sampling = run, sampling
-        self.pending: tuple[int, list] | None = None  # (round, generate_into refs) in flight
+        from minillm_rl.rollout.client import RolloutClient
+
+        self.run = run
+        runtime = run.cfg.runtime
+        self.client = RolloutClient(run.workers, run.replay, sampling,
+                                    lambda: (run.eval_model, run.progress.policy_version),
+                                    runtime.rpc_timeout_s, runtime.weight_sync_timeout_s)
+
+    @property
+    def pending(self) -> int | None:
+        """The round in flight, if any."""
+        return self.client.pending_round
 
     def sync(self) -> None:
         """Bring every worker to the learner's version (after an update, or a worker restart)."""
-        from minillm_rl.rollout.worker import (
-            broadcast_student_weights,
-            call_with_timeout,
-        )
-
-        run, version = self.run, self.run.progress.policy_version
-        versions = call_with_timeout([w.policy_version.remote() for w in run.workers], run.cfg.runtime.rpc_timeout_s,
-                                     "rollout workers' policy_version")
-        if any(v != version for v in versions):
-            broadcast_student_weights(run.workers, run.eval_model, version, run.cfg.runtime.weight_sync_timeout_s)
+        self.client.sync()
 
     def launch(self, round_index: int) -> None:
         """Workers generate round ``round_index`` into the replay store, shard ``i`` seeded from
@@ -203,36 +205,21 @@ class _RolloutClient:
         indices = round_prompt_indices(run.cfg.train.seed, round_index, run.cfg.train.num_rollouts,
                                        len(run.train_examples))
         shards = split_evenly([run.train_examples[i].prompt_ids for i in indices], len(run.workers))
-        refs = [worker.generate_into.remote(run.replay, shard, self.sampling,
-                                            derived_seed(run.cfg.train.seed, "rollout", round_index, i),
-                                            run.progress.policy_version, run.cfg.runtime.rpc_timeout_s)
-                for i, (worker, shard) in enumerate(zip(run.workers, shards))]
-        self.pending = (round_index, refs)
+        seeds = [derived_seed(run.cfg.train.seed, "rollout", round_index, i) for i in range(len(shards))]
+        self.client.launch(round_index, shards, seeds)
 
     def take_round(self, round_index: int):
         """The round's rollouts, no older than ``version - max_staleness``, in canonical order."""
-        from minillm_rl.replay import take_blocking
-        from minillm_rl.rollout.worker import call_with_timeout
-
         run = self.run
-        runtime = run.cfg.runtime
-        if self.pending is None or self.pending[0] != round_index:
-            raise RuntimeError(f"round {round_index} was never launched (pending: {self.pending and self.pending[0]})")
-        call_with_timeout(self.pending[1], runtime.rpc_timeout_s, f"rollout workers' generate_into(round {round_index})")
-        self.pending = None
-        items = take_blocking(run.replay, run.cfg.train.num_rollouts,
-                              run.progress.policy_version - runtime.max_staleness, timeout_s=runtime.rpc_timeout_s,
-                              rpc_timeout_s=runtime.rpc_timeout_s)
+        items = self.client.take_round(round_index, run.cfg.train.num_rollouts,
+                                       run.progress.policy_version - run.cfg.runtime.max_staleness)
         items = canonical_order(items)
         rollout = concat_rollouts([item.payload for item in items], run.pad_token_id)
         versions = [item.policy_version for item in items]
         return rollout, {"rollout_policy_version/min": min(versions), "rollout_policy_version/max": max(versions)}
 
     def replay_stats(self) -> dict[str, float]:
-        from minillm_rl.rollout.worker import call_with_timeout
-
-        stats = call_with_timeout(self.run.replay.stats.remote(), self.run.cfg.runtime.rpc_timeout_s, "replay.stats")
-        return {f"replay/{key}": value for key, value in stats.items()}
+        return {f"replay/{key}": value for key, value in self.client.replay_stats().items()}
 
 
 def run_minillm(run: TrainingRun, engine) -> None:
@@ -285,7 +272,8 @@ def run_minillm(run: TrainingRun, engine) -> None:
         timings["time/learn"] = time.perf_counter() - started
         steps_before = progress.total_steps
         previous_step = progress.phase_step
-        run.after_steps(len(history))
+        skipped = [step["nonfinite_skipped"] > 0 for step in history]
+        run.after_steps([not s for s in skipped])
         progress.policy_version += 1
         started = time.perf_counter()
         run.export(engine)
@@ -294,7 +282,7 @@ def run_minillm(run: TrainingRun, engine) -> None:
             elapsed = time.perf_counter() - round_started
             run.metrics.log("minillm", progress.phase_step, {
                 **mean_stats(history), **round_stats, **timings, **client.replay_stats(),
-                "learner_policy_version": learner_version, "round": round_index,
+                "nonfinite_skipped": sum(skipped), "learner_policy_version": learner_version, "round": round_index,
                 "samples_per_s": train.num_rollouts / elapsed, "time/round": elapsed,
             })
             bar.update(len(history))

@@ -22,12 +22,25 @@ Accounting, in samples, holds after every call::
 ``lost_on_restore`` is only non-zero after :meth:`ReplayBuffer.load_state_dict` restored counters
 without the items they described (e.g. the store actor was restarted): those samples are gone,
 and saying so keeps the books balanced instead of losing them silently.
+
+Idempotent puts: a producer may pass a ``key`` (the coordinator uses ``(round, shard)``). A put
+whose key this store already accepted, whether the item is still stored, was taken or was
+dropped, stores nothing, returns ``True`` and counts one ``duplicates_ignored`` (put calls, like
+``rejected_full``; neither is part of the sample identity). A worker killed after its put but
+before answering is re-launched with the same shard, and its second put is such a duplicate, so
+no rollout is counted twice. Keys are not saved by :meth:`ReplayBuffer.state_dict` (except those
+of saved items): a resumed run regenerates its in-flight round under the same keys.
+
+The actor (:func:`make_replay_store_actor`) restarts when its process dies, empty and with fresh
+counters; the ``instance_id`` of :meth:`ReplayBuffer.inventory` changes, which is how the coordinator notices and
+merges its last known counters back with :meth:`ReplayBuffer.load_state_dict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -45,6 +58,7 @@ class ReplayItem:
     policy_version: int
     num_samples: int
     num_bytes: int
+    key: Any = None
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -94,11 +108,20 @@ class ReplayBuffer:
         self._bytes_in_store = 0
         self._samples = dict.fromkeys(COUNTERS, 0)
         self._rejected_full = 0
+        self._duplicates_ignored = 0
+        self._keys_accepted: set[Any] = set()
+        self._instance_id = uuid.uuid4().hex
 
-    def put(self, payload: Any, policy_version: int, num_samples: int | None = None) -> bool:
+    def inventory(self) -> dict[str, Any]:
+        """``instance_id``: a random id drawn when this store was created, which changes when the
+        actor restarts; ``keys``: the keys of the items stored now (unkeyed ones left out)."""
+        return {"instance_id": self._instance_id, "keys": [item.key for item in self._items if item.key is not None]}
+
+    def put(self, payload: Any, policy_version: int, num_samples: int | None = None, key: Any = None) -> bool:
         """Store ``payload`` produced by policy ``policy_version``; ``False`` when it does not fit now.
 
-        ``num_samples`` defaults to the leading dimension of the payload's tensors.
+        ``num_samples`` defaults to the leading dimension of the payload's tensors. A ``key`` this
+        store already accepted makes the call a no-op that returns ``True`` (see the module docstring).
 
         Raises:
             ValueError: a bad version or size, or an item larger than the buffer could ever hold
@@ -109,6 +132,9 @@ class ReplayBuffer:
         num_samples = batch_size_of(payload) if num_samples is None else num_samples
         if num_samples < 1:
             raise ValueError(f"ReplayBuffer.put: num_samples must be >= 1, got {num_samples}")
+        if key is not None and key in self._keys_accepted:
+            self._duplicates_ignored += 1
+            return True
         num_bytes = tensor_bytes(payload)
         if num_samples > self.max_samples or num_bytes > self.max_bytes:
             raise ValueError(
@@ -120,11 +146,16 @@ class ReplayBuffer:
                 or self._bytes_in_store + num_bytes > self.max_bytes):
             self._rejected_full += 1
             return False
-        self._items.append(ReplayItem(payload, policy_version, num_samples, num_bytes))
-        self._samples_in_store += num_samples
-        self._bytes_in_store += num_bytes
+        self._append(ReplayItem(payload, policy_version, num_samples, num_bytes, key))
         self._samples["produced"] += num_samples
         return True
+
+    def _append(self, item: ReplayItem) -> None:
+        self._items.append(item)
+        self._samples_in_store += item.num_samples
+        self._bytes_in_store += item.num_bytes
+        if item.key is not None:
+            self._keys_accepted.add(item.key)
 
     def _pop_front(self) -> ReplayItem:
         item = self._items.popleft()
@@ -171,10 +202,11 @@ class ReplayBuffer:
         return taken
 
     def stats(self) -> dict[str, int]:
-        """Sample counters, ``rejected_full`` (put calls refused) and what is stored now."""
+        """Sample counters, ``rejected_full`` and ``duplicates_ignored`` (put calls) and what is stored now."""
         return {
             **self._samples,
             "rejected_full": self._rejected_full,
+            "duplicates_ignored": self._duplicates_ignored,
             "in_store_samples": self._samples_in_store,
             "in_store_bytes": self._bytes_in_store,
             "in_store_items": len(self._items),
@@ -183,34 +215,46 @@ class ReplayBuffer:
     def state_dict(self, include_items: bool = False) -> dict[str, Any]:
         """Counters (and, if asked, the stored items) for a checkpoint."""
         state: dict[str, Any] = {**self._samples, "rejected_full": self._rejected_full,
+                                 "duplicates_ignored": self._duplicates_ignored,
                                  "in_store_samples": self._samples_in_store}
         if include_items:
             state["items"] = list(self._items)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counters and items; samples in store at save time whose items are not in
-        ``state`` are counted as ``lost_on_restore``."""
+        """Merge a saved state into this store: its counters are added to this store's, its items
+        (if saved) are stored before the ones already here, and samples in store at save time
+        whose items are not in ``state`` are counted as ``lost_on_restore``.
+
+        Into a new store this is a plain restore. Merging is for a restarted store actor, which
+        may already hold puts that reached it before the coordinator restored its counters.
+        """
         missing = [key for key in (*COUNTERS, "rejected_full", "in_store_samples") if key not in state]
         if missing:
             raise ValueError(f"ReplayBuffer.load_state_dict: state lacks {', '.join(missing)}")
+        current = list(self._items)
         self._items.clear()
         self._samples_in_store = self._bytes_in_store = 0
-        self._samples = {key: int(state[key]) for key in COUNTERS}
-        self._rejected_full = int(state["rejected_full"])
-        for item in state.get("items", []):
-            self._items.append(item)
-            self._samples_in_store += item.num_samples
-            self._bytes_in_store += item.num_bytes
-        self._samples["lost_on_restore"] += int(state["in_store_samples"]) - self._samples_in_store
+        restored = state.get("items", [])
+        for item in [*restored, *current]:
+            self._append(item)
+        for key in COUNTERS:
+            self._samples[key] += int(state[key])
+        self._rejected_full += int(state["rejected_full"])
+        self._duplicates_ignored += int(state.get("duplicates_ignored", 0))  # absent in older checkpoints
+        self._samples["lost_on_restore"] += int(state["in_store_samples"]) - sum(item.num_samples for item in restored)
 
 
-def make_replay_store_actor(max_samples: int, max_bytes: int, name: str | None = None, max_restarts: int = 0):
+def make_replay_store_actor(max_samples: int, max_bytes: int, name: str | None = None, max_restarts: int = -1):
     """A Ray actor around :class:`ReplayBuffer` (needs ``ray.init`` first). It takes no CPU slot:
-    it only moves object references, and rollout workers need every slot."""
+    it only moves object references, and rollout workers need every slot.
+
+    Ray restarts it (up to ``max_restarts`` times, -1 = always) empty; calls are never retried
+    (``max_task_retries=0``): a call that reached the dead store fails, and the coordinator,
+    which knows what the store held, restores it (see the module docstring)."""
     import ray
 
-    actor_class = ray.remote(num_cpus=0, max_restarts=max_restarts)(ReplayBuffer)
+    actor_class = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=0)(ReplayBuffer)
     options = {"name": name} if name is not None else {}
     return actor_class.options(**options).remote(max_samples, max_bytes)
 
@@ -260,8 +304,8 @@ def take_blocking(store: Any, num_samples: int, min_policy_version: int, timeout
 
 
 def put_blocking(store: Any, payload: Any, policy_version: int, timeout_s: float, num_samples: int | None = None,
-                 poll_s: float = 0.05, rpc_timeout_s: float = 60.0) -> None:
-    """:meth:`ReplayBuffer.put`, retried while the store is full.
+                 poll_s: float = 0.05, rpc_timeout_s: float = 60.0, key: Any = None) -> None:
+    """:meth:`ReplayBuffer.put` (with ``key``), retried while the store is full.
 
     Raises:
         TimeoutError: the store stayed full for ``timeout_s`` (the learner is not consuming).
@@ -274,6 +318,6 @@ def put_blocking(store: Any, payload: Any, policy_version: int, timeout_s: float
         # Serialise once: each retry then ships a reference, which Ray resolves in the actor.
         payload = ray.put(payload)
     _poll(
-        lambda: put(payload, policy_version, num_samples), timeout_s, poll_s,
+        lambda: put(payload, policy_version, num_samples, key), timeout_s, poll_s,
         lambda: f"replay store stayed full for {timeout_s:g} s (stats: {stats()})",
     )

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path``.
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write`` on a temporary file next to ``path`` (UTF-8 text, or bytes when ``binary``),
+    then rename it over ``path``.
 
     Readers see the old file or the complete new one, never a partial write; if ``write`` raises,
     the temporary file is removed and ``path`` is untouched.
@@ -20,7 +21,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp_file:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as tmp_file:
             write(tmp_file)
             tmp_file.flush()
             os.fsync(tmp_file.fileno())

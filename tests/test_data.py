@@ -373,3 +373,136 @@ def test_pt_corpus_errors(tmp_path):
         pack_into_blocks(["a"], tokenizer, block_size=8)
     with pytest.raises(ValueError, match="block_size=1"):
         pack_into_blocks(["a"], tokenizer, block_size=1)
+
+
+# ---------------------------------------------------------------- prepared datasets (prepare-data)
+
+RESPONSE_BUDGET = 6
+
+
+def _prepare_case(tmp_path):
+    """A jsonl with one over-budget prompt, one response cut by the budget, one response that
+    fits with its EOS exactly, and one malformed line; the tokenizer and settings to prepare it."""
+    from minillm_rl.data.prepared import PrepareSettings
+
+    template_words = PROMPT_NO_INPUT.format(instruction="").split()
+    prompt_budget = len(template_words) + 1  # the template plus a one-word instruction
+    records = [{"instruction": f"q{i}", "response": "one two"} for i in range(8)]
+    records.append({"instruction": "w w w w q8", "response": "one two"})           # prompt over budget
+    records.append({"instruction": "q9", "response": "a b c d e f g h"})           # cut to 6, no EOS
+    records.append({"instruction": "q10", "response": "a b c d e"})                # 5 + EOS = 6
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    words = template_words + "one two w a b c d e f g h".split() + [f"q{i}" for i in range(11)]
+    settings = PrepareSettings(max_prompt_tokens=prompt_budget, max_length=prompt_budget + RESPONSE_BUDGET,
+                               num_validation=3, skip_bad_records=True)
+    return path, word_tokenizer(words), settings
+
+
+def test_prepare_dataset_counts_budgets_and_manifest(tmp_path):
+    from minillm_rl.data.prepared import PREPARED_FORMAT_VERSION, load_prepared, prepare_dataset, read_manifest
+
+    source, tokenizer, settings = _prepare_case(tmp_path)
+    out = tmp_path / "prepared"
+    manifest = prepare_dataset(str(source), tokenizer, "tiny-words", out, settings)
+    assert read_manifest(out) == manifest and not (tmp_path / "prepared.tmp").exists()
+    assert manifest["format_version"] == PREPARED_FORMAT_VERSION
+    counts = manifest["counts"]
+    assert counts["loaded"] == 11 and counts["skipped_bad"] == {"malformed_json": 1}
+    train, valid = counts["train"], counts["validation"]
+    assert (train["examples"], valid["examples"]) == (8, 3)
+    assert train["dropped_prompt_too_long"] + valid["dropped_prompt_too_long"] == 1
+    assert train["truncated_response"] + valid["truncated_response"] == 1
+    assert train["kept"] + valid["kept"] == 10
+    assert (manifest["max_prompt_tokens"], manifest["max_length"]) == (settings.max_prompt_tokens, settings.max_length)
+
+    examples = {e.source.rsplit(":", 1)[1]: e for split in load_prepared(out, tokenizer, settings) for e in split}
+    vocab, eos = tokenizer.get_vocab(), tokenizer.eos_token_id
+    assert "9" not in examples and len(examples) == 10  # line 9: the over-budget prompt
+    assert examples["10"].response_ids == [vocab[w] for w in "a b c d e f".split()]  # cut: no EOS
+    assert examples["11"].response_ids == [vocab[w] for w in "a b c d e".split()] + [eos]
+    assert examples["1"].response_ids == [vocab["one"], vocab["two"], eos]
+    import datasets
+    saved = datasets.load_from_disk(str(out / "data"))
+    assert saved["train"].num_rows == train["kept"] and "response" in saved["train"].column_names
+    assert set(saved["train"]["source"]).isdisjoint(saved["validation"]["source"])
+
+
+def test_prepared_dataset_trains_on_the_same_ids_as_the_direct_path(tmp_path):
+    from types import SimpleNamespace
+
+    from minillm_rl.config import DataConfig
+    from minillm_rl.coordinator import TrainingRun
+    from minillm_rl.data.prepared import prepare_dataset
+
+    source, tokenizer, settings = _prepare_case(tmp_path)
+    prepare_dataset(str(source), tokenizer, "tiny-words", tmp_path / "prepared", settings)
+    common = dict(num_validation=3, max_prompt_tokens=settings.max_prompt_tokens, max_length=settings.max_length,
+                  skip_bad_records=True)
+
+    def load(train):
+        run = SimpleNamespace(cfg=SimpleNamespace(data=DataConfig(train=str(train), **common)), tokenizer=tokenizer)
+        return TrainingRun._load_data(run)
+
+    direct_train, direct_valid = load(source)
+    prepared_train, prepared_valid = load(tmp_path / "prepared")
+    assert prepared_train == direct_train and prepared_valid == direct_valid
+    assert len(prepared_train) > 0 and len(prepared_valid) > 0
+
+
+def test_prepared_dataset_refusals_are_one_line(tmp_path):
+    import dataclasses
+
+    from minillm_rl.data.prepared import load_prepared, prepare_dataset
+
+    source, tokenizer, settings = _prepare_case(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_dataset(str(source), tokenizer, "tiny-words", out, settings)
+    manifest_path = out / "prepared.json"
+    original = manifest_path.read_text()
+
+    def refusal(expected, tok=tokenizer, recipe=settings):
+        with pytest.raises(ValueError) as err:
+            load_prepared(out, tok, recipe)
+        assert "\n" not in str(err.value) and re.search(expected, str(err.value)), str(err.value)
+
+    other_tokenizer = word_tokenizer(["different", "words"])
+    refusal(r"prepared\.json: prepared with tokenizer 'tiny-words'", tok=other_tokenizer)
+    refusal(r"max_prompt_tokens=.* but data\.max_prompt_tokens=",
+            recipe=dataclasses.replace(settings, max_prompt_tokens=settings.max_prompt_tokens + 1))
+    manifest_path.write_text(original.replace('"format_version": 1', '"format_version": 99'))
+    refusal(r"prepared\.json: format_version 99; expected 1")
+    manifest_path.write_text(original[:40])
+    refusal(r"prepared\.json: corrupt")
+    manifest_path.unlink()
+    refusal(r"prepared\.json: missing")
+    # Refuses to write over a non-empty directory; --overwrite replaces it once the new one is complete.
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        prepare_dataset(str(source), tokenizer, "tiny-words", out, settings)
+    prepare_dataset(str(source), tokenizer, "tiny-words", out, settings, overwrite=True)
+    assert load_prepared(out, tokenizer, settings)[0]
+
+
+def test_prepare_data_cli_and_pretrain_blocks(tmp_path, capsys):
+    from minillm_rl.cli import main
+    from minillm_rl.data.prepared import load_prepared
+    from minillm_rl.models import load_tokenizer
+
+    source, tokenizer, settings = _prepare_case(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "corpus.txt").write_text("one two a b\nc d e f g\n")
+    args = ["prepare-data", "--data", str(source), "--tokenizer", str(tmp_path / "tok"), "--out",
+            str(tmp_path / "prepared"), "--max-prompt-tokens", str(settings.max_prompt_tokens), "--max-length",
+            str(settings.max_length), "--num-validation", "3", "--pretrain-corpus", str(tmp_path / "corpus.txt"),
+            "--block-size", "4"]
+    assert main(args) == 2  # the malformed line, without --skip-bad-records
+    assert "data.jsonl:12: malformed JSON" in capsys.readouterr().err and not (tmp_path / "prepared").exists()
+    assert main(args + ["--skip-bad-records"]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded 11 examples" in printed and "malformed_json=1" in printed and "pretrain: 2 blocks of 4" in printed
+    reloaded = load_tokenizer(tmp_path / "tok")  # a fresh load fingerprints like the one that prepared
+    assert load_prepared(tmp_path / "prepared", reloaded, settings)[0]
+    import datasets
+    blocks = datasets.load_from_disk(str(tmp_path / "prepared" / "data"))["pretrain"]["input_ids"]
+    assert blocks[0] == tokenizer("one two a b", add_special_tokens=False)["input_ids"]

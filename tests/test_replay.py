@@ -122,9 +122,9 @@ def test_staleness_one_keeps_the_previous_version():
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("put"), st.integers(1, 4), st.integers(0, 5)),
-        st.tuples(st.just("take"), st.integers(1, 8), st.integers(0, 5)),
-        st.tuples(st.just("restore"), st.booleans(), st.just(0)),
+        st.tuples(st.just("put"), st.integers(1, 4), st.integers(0, 5), st.one_of(st.none(), st.integers(0, 5))),
+        st.tuples(st.just("take"), st.integers(1, 8), st.integers(0, 5), st.none()),
+        st.tuples(st.just("restore"), st.booleans(), st.just(0), st.none()),
     ),
     max_size=40,
 )
@@ -133,16 +133,27 @@ operations = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(operations)
 def test_accounting_balances_under_any_sequence(ops):
-    """produced == consumed + dropped_stale + lost_on_restore + in_store after every call, and take
-    returns exactly the oldest fresh items (checked against a list model)."""
+    """produced == consumed + dropped_stale + lost_on_restore + in_store after every call, take
+    returns exactly the oldest fresh items, and a keyed put is stored at most once per store
+    (checked against a list model)."""
     buffer = ReplayBuffer(max_samples=12, max_bytes=10**9)
     model: list[tuple[int, int, int]] = []  # (tag, version, size) in arrival order
-    for tag, (op, a, b) in enumerate(ops):
+    accepted_keys: set[int] = set()
+    keys_of: dict[int, int] = {}  # tag -> key
+    duplicates = 0
+    for tag, (op, a, b, key) in enumerate(ops):
         if op == "put":
-            stored = buffer.put({"tag": tag, "x": torch.zeros(a)}, b)
-            assert stored == (sum(size for _, _, size in model) + a <= 12)
-            if stored:
-                model.append((tag, b, a))
+            stored = buffer.put({"tag": tag, "x": torch.zeros(a)}, b, key=key)
+            if key is not None and key in accepted_keys:
+                duplicates += 1
+                assert stored
+            else:
+                assert stored == (sum(size for _, _, size in model) + a <= 12)
+                if stored:
+                    model.append((tag, b, a))
+                    if key is not None:
+                        accepted_keys.add(key)
+                        keys_of[tag] = key
         elif op == "take":
             model = [entry for entry in model if entry[1] >= b]
             prefix_sizes = [size for _, _, size in model]
@@ -167,7 +178,10 @@ def test_accounting_balances_under_any_sequence(ops):
             buffer.load_state_dict(state)
             if not a:
                 model = []
+            # A new store knows only the keys of the items it was given.
+            accepted_keys = {keys_of[tag_] for tag_, _, _ in model if tag_ in keys_of}
         stats = buffer.stats()
+        assert stats["duplicates_ignored"] == duplicates
         assert balanced(stats), stats
         assert stats["in_store_samples"] == sum(size for _, _, size in model)
 
@@ -189,6 +203,40 @@ def test_state_dict_round_trip_and_loss_on_restore():
     assert balanced(stats)
     with pytest.raises(ValueError, match="state lacks consumed"):
         counters_only.load_state_dict({"produced": 1})
+
+
+def test_keyed_put_is_stored_once_even_after_it_was_taken_or_dropped():
+    buffer = ReplayBuffer(max_samples=10, max_bytes=10**9)
+    assert buffer.put(rollout(4), 1, key=(0, 0)) and buffer.put(rollout(4), 1, key=(0, 0))  # a re-launched shard
+    assert buffer.stats()["in_store_samples"] == 4
+    buffer.take(4, min_policy_version=1)
+    assert buffer.put(rollout(4), 1, key=(0, 0))  # already handed out: still ignored
+    assert buffer.put(rollout(4), 0, key=(0, 1))
+    assert buffer.take(4, min_policy_version=1) is None  # drops (0, 1) as stale
+    assert buffer.put(rollout(4), 0, key=(0, 1))
+    stats = buffer.stats()
+    assert (stats["produced"], stats["consumed"], stats["dropped_stale"], stats["duplicates_ignored"]) == (8, 4, 4, 3)
+    assert balanced(stats) and stats["in_store_samples"] == 0
+
+
+def test_restarted_store_merges_the_saved_counters_with_what_it_already_holds():
+    """A restarted store actor may receive puts before the coordinator restores it: they stay,
+    counted once, next to the saved counters; what the dead store held is lost."""
+    before = ReplayBuffer(max_samples=10, max_bytes=10**9)
+    before.put(rollout(3), 0, key=(0, 0))
+    before.take(3)
+    before.put(rollout(2), 1, key=(1, 0))  # in the store when it dies
+    saved = before.state_dict()
+    restarted = ReplayBuffer(max_samples=10, max_bytes=10**9)
+    restarted.put(rollout(2), 1, key=(1, 1))
+    assert restarted.inventory()["instance_id"] != before.inventory()["instance_id"]
+    restarted.load_state_dict(saved)
+    stats = restarted.stats()
+    assert (stats["produced"], stats["consumed"], stats["lost_on_restore"], stats["in_store_samples"]) == (7, 3, 2, 2)
+    assert balanced(stats) and restarted.inventory()["keys"] == [(1, 1)]
+    assert restarted.put(rollout(2), 1, key=(1, 1)) and restarted.stats()["duplicates_ignored"] == 1
+    assert restarted.put(rollout(2), 1, key=(1, 0))  # lost with the dead store: regenerated and stored
+    assert [item.key for item in restarted.take(4, 1)] == [(1, 1), (1, 0)]
 
 
 def test_blocking_helpers_time_out_with_a_clear_error():

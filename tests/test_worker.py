@@ -353,5 +353,5 @@ def test_slow_call_times_out_with_a_clear_error_and_the_worker_is_shut_down(work
         time.sleep(0.1)
     else:
         pytest.fail(f"the killed worker's process {info['pid']} is still alive")
-    with pytest.raises(RuntimeError, match="rollout-worker-0.policy_version: the worker actor died"):
+    with pytest.raises(RuntimeError, match="rollout-worker-0.policy_version: the actor died"):
         call_with_timeout(worker.policy_version.remote(), TIMEOUT_S, "rollout-worker-0.policy_version")

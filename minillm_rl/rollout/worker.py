@@ -8,7 +8,10 @@ Versions: a worker starts at :data:`UNSYNCED_VERSION` (-1) with the student its 
 and only ``load_student_weights`` sets a real version. Ray restarts a killed actor by running the
 constructor again, so a restarted worker reports -1 from :meth:`RolloutWorker.policy_version`;
 the coordinator re-sends the current weights. A call retried by Ray on the restarted actor then
-fails the version check instead of generating with the wrong weights.
+fails the version check instead of generating with the wrong weights; that is why
+:class:`~minillm_rl.rollout.client.RolloutClient` launches ``generate_into`` with
+``max_task_retries=0`` and re-launches it itself after the re-sync. Read-only calls and
+``load_student_weights`` (idempotent) keep Ray's retries.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from minillm_rl.batching import left_pad
+from minillm_rl.errors import RunFailed
 from minillm_rl.evaluation import EvalConfig, generate_responses
 from minillm_rl.forward import position_ids_from_mask
 from minillm_rl.models import load_causal_lm, load_tokenizer
@@ -37,6 +41,10 @@ LAUNCHER_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 
 # A model or tokenizer: a local HF directory / hub name, or a picklable zero-argument builder.
 Spec = str | os.PathLike | Callable[[], Any]
+
+
+class ActorDied(RunFailed):
+    """An actor call failed because the actor's process died (Ray may be restarting it)."""
 
 
 @dataclass
@@ -180,11 +188,13 @@ class RolloutWorker:
 
     def generate_into(self, replay_store: Any, prompt_id_lists: Sequence[Sequence[int]],
                       sampling_cfg: SamplingConfig, seed: int, policy_version_expected: int,
-                      put_timeout_s: float = 600.0) -> int:
+                      put_timeout_s: float = 600.0, key: Any = None) -> int:
         """:meth:`generate`, then put the rollout into ``replay_store`` (a ReplayStore actor handle
-        or buffer) tagged with its policy version; returns the number of samples stored."""
+        or buffer) tagged with its policy version and ``key`` (a store ignores a key it already
+        accepted); returns the number of samples generated."""
         rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected)
-        put_blocking(replay_store, rollout, rollout.policy_version, timeout_s=put_timeout_s)
+        put_blocking(replay_store, rollout, rollout.policy_version, timeout_s=put_timeout_s,
+                     rpc_timeout_s=put_timeout_s, key=key)
         return rollout.response_ids.shape[0]
 
     @torch.no_grad()
@@ -258,7 +268,7 @@ def call_with_timeout(ref: Any, timeout_s: float, what: str) -> Any:
     Raises:
         TimeoutError: naming ``what`` (e.g. ``"rollout-worker-1.generate"``). The call is not
             cancelled: the caller decides whether to kill the stuck worker.
-        RuntimeError: the actor died and could not be restarted or retried.
+        ActorDied: the actor died (a :class:`~minillm_rl.errors.RunFailed`, printed as one line).
     """
     import ray
 
@@ -272,7 +282,7 @@ def call_with_timeout(ref: Any, timeout_s: float, what: str) -> Any:
         raise
     except ray.exceptions.RayActorError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"{what}: the worker actor died ({first_line})") from None
+        raise ActorDied(f"{what}: the actor died ({first_line})") from None
 
 
 def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, version: int, timeout_s: float,

@@ -45,6 +45,7 @@ class TorchEngine:
         self.global_steps = 0
         self.skipped_steps = 0
         self._last_grad_norm = 0.0
+        self._step_applied = True
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -58,13 +59,18 @@ class TorchEngine:
         params = [p for p in self.module.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).item()
         self._last_grad_norm = grad_norm
-        if math.isfinite(grad_norm):
+        self._step_applied = math.isfinite(grad_norm)
+        if self._step_applied:
             self.optimizer.step()
             self.scheduler.step()
             self.global_steps += 1
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        """Whether the last ``step`` updated the weights (DeepSpeed's name)."""
+        return self._step_applied
 
     def get_global_grad_norm(self) -> float:
         """Pre-clip gradient norm of the last ``step`` (DeepSpeed's name)."""

@@ -16,12 +16,14 @@ Advantage whitening is pooled over the same ranks (``group``), so it matches too
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from minillm_rl.advantages import AdvantageConfig, compute_advantages, importance_weights, masked_mean
+from minillm_rl.errors import RunFailed
 from minillm_rl.forward import response_logits
 from minillm_rl.losses import minillm_loss
 from minillm_rl.rollout.sampler import Rollout, SamplingConfig
@@ -123,6 +125,10 @@ def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
     """Backward of this rank's token-mean ``loss`` (over ``num_tokens`` valid tokens) scaled so
     that DeepSpeed's mean over ranks is the token mean over all ranks' tokens.
 
+    A non-finite global loss (any rank's) turns every gradient non-finite, so that the engine's
+    own overflow check (:func:`apply_optimizer_step`) skips the step on every rank; a loss that
+    is non-finite only through a term without gradient would otherwise still update.
+
     Returns ``(global token-mean loss, global token count)``, the same on every rank.
     """
     _, world_size = rank_and_world(group)
@@ -133,8 +139,29 @@ def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
     if world_size > 1:
         torch.distributed.all_reduce(totals, group=group)
     total_tokens = totals[0].clamp(min=1.0)
-    engine.backward(loss * (tokens.to(totals.device) * world_size / total_tokens).to(loss.dtype))
-    return (totals[1] / total_tokens).item(), totals[0].item()
+    global_loss = (totals[1] / total_tokens).item()
+    scale = tokens.to(totals.device) * world_size / total_tokens
+    if not math.isfinite(global_loss):
+        scale = torch.full_like(scale, math.nan)
+    engine.backward(loss * scale.to(loss.dtype))
+    return global_loss, totals[0].item()
+
+
+def apply_optimizer_step(engine) -> bool:
+    """``engine.step()``; returns whether the update was applied, ``False`` when the engine
+    skipped it for a non-finite gradient (weights, optimizer state and LR schedule untouched).
+
+    The decision is the engine's: TorchEngine checks the clipped norm; DeepSpeed's ZeRO 1-3
+    optimizers treat a non-finite global gradient norm as an overflow (fp32, fp16, and bf16 with
+    ``bf16.check_grad_overflow``, its default), and the norm is reduced over all ranks, so every
+    rank decides alike. A config that lets a non-finite gradient through stops the run.
+    """
+    engine.step()
+    applied = engine.was_step_applied()
+    if applied and not math.isfinite(float(engine.get_global_grad_norm() or 0.0)):
+        raise RunFailed("a non-finite gradient was applied to the weights: the DeepSpeed config does not skip such "
+                        "steps (use ZeRO stage 1-3 and keep bf16.check_grad_overflow true)")
+    return applied
 
 
 def ppo_round(
@@ -160,7 +187,8 @@ def ppo_round(
 
     Returns:
         One stats dict per step, in order. ``loss`` is the global micro-batch's token-mean loss
-        (the same on every rank); the other entries describe this rank's rows only.
+        and ``nonfinite_skipped`` 1.0 when the step was skipped (both the same on every rank);
+        the other entries describe this rank's rows only.
     """
     rank, world_size = rank_and_world(group)
     batch_size = rollout.response_ids.shape[0]
@@ -177,9 +205,10 @@ def ppo_round(
             lr = engine.get_lr()[0]
             loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
             global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group)
-            engine.step()
+            applied = apply_optimizer_step(engine)
             stats.update({
                 "loss": global_loss,
+                "nonfinite_skipped": float(not applied),
                 "tokens": total_tokens,
                 "lr": float(lr),
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),

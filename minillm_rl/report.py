@@ -1,0 +1,283 @@
+"""``minillm-rl report``: one comparison table and training curves from several run directories.
+
+A run directory is recognised by what it holds:
+
+- ``minillm-rl train``: ``config.yaml`` + ``metrics.jsonl`` (+ ``best.json``); its test scores
+  are ``eval/results.json`` when ``minillm-rl eval --out RUN/eval`` was run on it. One row, named
+  after its method (``train.phases``: SFT, KD, SeqKD, MiniLLM).
+- the demo: ``results.json`` with ``rows`` (teacher, SFT student, MiniLLM student) + metrics.
+- ``minillm-rl eval``: ``results.json`` alone. One row, named after the directory.
+
+``NAME=DIR`` names a row explicitly; rows with the same name (e.g. one method, three training
+seeds) are merged: their test Rouge-L is the mean over runs, ± the std over runs (one run: ± the
+std over its evaluation seeds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from minillm_rl.evaluation import markdown_table
+from minillm_rl.tracking import atomic_write_text, write_atomic
+
+METHOD_NAMES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}
+TABLE_COLUMNS = ("model", "test Rouge-L", "exact match", "test runs × seeds", "best valid Rouge-L", "best step",
+                 "checkpoint", "run dir")
+# (title, metrics.jsonl key) of each curve panel; the keys the MiniLLM loop and SFT loops log.
+CURVE_PANELS = (("reward (mean per token)", "reward/mean"), ("reverse KL per token", "reverse_kl/per_token"),
+                ("validation Rouge-L", "validation_rouge_l"), ("response length (tokens)", "response_len/mean"))
+CURVES_FILE = "curves.png"
+REPORT_FILE = "report.md"
+
+
+@dataclass
+class ModelScores:
+    """What one run says about one model; ``test_rouge_l_per_seed`` is empty without test results."""
+
+    name: str
+    run_dir: str
+    checkpoint: str = ""
+    test_rouge_l_per_seed: list[float] = field(default_factory=list)
+    exact_match: float | None = None
+    best_validation_rouge_l: float | None = None
+    best_step: int | None = None
+
+
+@dataclass
+class RunCurves:
+    """``{stage: {key: [(step, value), ...]}}`` of one run's ``metrics.jsonl`` (last value per step)."""
+
+    label: str
+    series: dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: corrupt ({type(err).__name__}: {err}); expected JSON") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; an unterminated last line (a killed writer) is ignored."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: cut mid-write
+                break
+            raise ValueError(f"{path}:{number}: malformed JSON ({err.msg}); expected one metrics record per line") \
+                from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "stage" not in record:
+            raise ValueError(f"{path}:{number}: expected an object with 'stage' and an integer 'step'")
+        records.append(record)
+    return records
+
+
+def metric_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Numeric values by stage and key, sorted by step; a step logged twice (a resumed run
+    repeats the steps after its checkpoint) keeps its last value."""
+    by_step: dict[str, dict[str, dict[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key in ("stage", "step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            by_step.setdefault(record["stage"], {}).setdefault(key, {})[record["step"]] = float(value)
+    return {stage: {key: sorted(values.items()) for key, values in keys.items()} for stage, keys in by_step.items()}
+
+
+def _best_from_metrics(series: dict[str, dict[str, list[tuple[int, float]]]], stage: str) -> tuple[float, int] | None:
+    points = series.get(stage, {}).get("validation_rouge_l", [])
+    if not points:
+        return None
+    step, score = max(points, key=lambda point: (point[1], -point[0]))
+    return score, step
+
+
+def _eval_scores(results: dict[str, Any], path: Path) -> tuple[list[float], float]:
+    """``(rouge_l_per_seed, exact_match)`` of a ``minillm-rl eval`` results.json."""
+    per_seed = results.get("rouge_l_per_seed") or ([results["rouge_l"]] if "rouge_l" in results else None)
+    if not per_seed or "exact_match" not in results:
+        raise ValueError(f"{path}: no 'rouge_l_per_seed'/'exact_match'; expected the results.json of `minillm-rl eval`")
+    return [float(v) for v in per_seed], float(results["exact_match"])
+
+
+def _train_run(run_dir: Path, name: str | None) -> ModelScores:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    phases = (config.get("train") or {}).get("phases") or []
+    if not phases:
+        raise ValueError(f"{run_dir / 'config.yaml'}: no train.phases; expected the config of `minillm-rl train`")
+    scores = ModelScores(name or METHOD_NAMES.get(phases[-1], phases[-1]), str(run_dir))
+    if (run_dir / "best").is_dir():
+        scores.checkpoint = str(run_dir / "best")
+    best = run_dir / "best.json"
+    if best.is_file():
+        payload = _read_json(best)
+        scores.best_validation_rouge_l, scores.best_step = payload["validation_rouge_l"], payload["step"]
+    else:
+        found = _best_from_metrics(metric_series(read_metrics(run_dir / "metrics.jsonl")), phases[-1])
+        if found:
+            scores.best_validation_rouge_l, scores.best_step = found
+    test = run_dir / "eval" / "results.json"
+    if test.is_file():
+        scores.test_rouge_l_per_seed, scores.exact_match = _eval_scores(_read_json(test), test)
+    return scores
+
+
+def _demo_run(run_dir: Path, results: dict[str, Any]) -> list[ModelScores]:
+    best = _read_json(run_dir / "best.json") if (run_dir / "best.json").is_file() else {}
+    rows = []
+    for row in results["rows"]:
+        per_seed = row.get("rouge_l_per_seed") or [row["rouge_l"]]
+        scores = ModelScores(row["model"], str(run_dir), test_rouge_l_per_seed=[float(v) for v in per_seed],
+                             exact_match=float(row["exact_match"]))
+        if row["model"].startswith("MiniLLM") and best:
+            scores.checkpoint = results.get("best_dir", "")
+            scores.best_validation_rouge_l, scores.best_step = best["validation_rouge_l"], best["round"]
+        rows.append(scores)
+    return rows
+
+
+def parse_run_argument(argument: str) -> tuple[str | None, Path]:
+    """``"NAME=DIR"`` -> ``(NAME, DIR)``; ``"DIR"`` -> ``(None, DIR)`` (a ``=`` inside an existing
+    path is part of the path)."""
+    name, sep, rest = argument.partition("=")
+    if sep and name and not Path(argument).exists():
+        return name, Path(rest)
+    return None, Path(argument)
+
+
+def read_run(argument: str) -> tuple[list[ModelScores], RunCurves | None]:
+    """The model rows and curves of one run directory (see the module docstring)."""
+    name, run_dir = parse_run_argument(argument)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: not a directory; expected a run directory of `minillm-rl train`, the demo "
+                         "or `minillm-rl eval`")
+    metrics, results_path = run_dir / "metrics.jsonl", run_dir / "results.json"
+    curves = None
+    if metrics.is_file():
+        curves = RunCurves(name or run_dir.name, metric_series(read_metrics(metrics)))
+    if (run_dir / "config.yaml").is_file():
+        if curves is None:
+            raise ValueError(f"{run_dir}: no metrics.jsonl; expected a `minillm-rl train` run that has logged steps")
+        return [_train_run(run_dir, name)], curves
+    if results_path.is_file():
+        results = _read_json(results_path)
+        if isinstance(results, dict) and isinstance(results.get("rows"), list):
+            if curves is None:
+                raise ValueError(f"{run_dir}: no metrics.jsonl; expected a demo run directory that has logged steps")
+            return _demo_run(run_dir, results), curves
+        per_seed, exact = _eval_scores(results, results_path)
+        return [ModelScores(name or run_dir.name, str(run_dir), str(results.get("model", "")), per_seed, exact)], None
+    raise ValueError(f"{run_dir}: no metrics.jsonl or results.json; expected a run directory of `minillm-rl "
+                     "train`, the demo or `minillm-rl eval`")
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f} ± {statistics.pstdev(values):.2f}"
+
+
+def table_rows(models: Sequence[ModelScores]) -> list[dict[str, Any]]:
+    """One row per model name (first-appearance order), runs of the same name merged."""
+    groups: dict[str, list[ModelScores]] = {}
+    for model in models:
+        groups.setdefault(model.name, []).append(model)
+    rows = []
+    for name, runs in groups.items():
+        tested = [run for run in runs if run.test_rouge_l_per_seed]
+        row: dict[str, Any] = {"model": name, "run dir": ", ".join(dict.fromkeys(run.run_dir for run in runs)),
+                               "checkpoint": ", ".join(run.checkpoint for run in runs if run.checkpoint)}
+        if len(tested) == 1:
+            row["test Rouge-L"] = _mean_std(tested[0].test_rouge_l_per_seed)
+        elif tested:
+            row["test Rouge-L"] = _mean_std([statistics.fmean(run.test_rouge_l_per_seed) for run in tested])
+        if tested:
+            row["exact match"] = statistics.fmean(run.exact_match for run in tested)
+            row["test runs × seeds"] = f"{len(tested)} × {len(tested[0].test_rouge_l_per_seed)}"
+        validated = [run for run in runs if run.best_validation_rouge_l is not None]
+        if validated:
+            best = max(validated, key=lambda run: run.best_validation_rouge_l)
+            row["best valid Rouge-L"] = float(best.best_validation_rouge_l)
+            row["best step"] = best.best_step
+        rows.append(row)
+    return rows
+
+
+def plot_curves(curves: Sequence[RunCurves], path: str | os.PathLike) -> Path:
+    """One PNG with a panel per :data:`CURVE_PANELS` entry, one line per (run, stage) that logged
+    it; written atomically."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("the curves need matplotlib; install it with `pip install -e .[demo]`") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for axis, (title, key) in zip(axes.flat, CURVE_PANELS):
+        for run in curves:
+            for stage, keys in run.series.items():
+                points = keys.get(key)
+                if points:
+                    steps, values = zip(*points)
+                    axis.plot(steps, values, marker="." if len(points) < 30 else None,
+                              label=f"{run.label} ({stage})")
+        axis.set_title(title)
+        axis.set_xlabel("step (demo: MiniLLM round)")
+        if axis.lines:
+            axis.legend(fontsize="small" if len(axis.lines) <= 6 else "x-small")
+        else:
+            axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_atomic(path, lambda file: file.write(buffer.getvalue()), binary=True)
+    return Path(path)
+
+
+@dataclass
+class Report:
+    table: str
+    report_path: Path
+    curves_path: Path | None
+    rows: list[dict[str, Any]]
+
+
+def build_report(run_arguments: Sequence[str], out_dir: str | os.PathLike, title: str = "minillm_rl report") -> Report:
+    """Read every run (``DIR`` or ``NAME=DIR``), write ``report.md`` and ``curves.png`` into
+    ``out_dir``; nothing is written when a run cannot be read."""
+    if not run_arguments:
+        raise ValueError("report: expected at least one run directory")
+    models, curves = [], []
+    for argument in run_arguments:
+        run_models, run_curves = read_run(argument)
+        models.extend(run_models)
+        if run_curves is not None:
+            curves.append(run_curves)
+    rows = table_rows(models)
+    table = markdown_table(rows, TABLE_COLUMNS)
+    out_dir = Path(out_dir)
+    curves_path = plot_curves(curves, out_dir / CURVES_FILE) if curves else None
+    notes = ["Test Rouge-L: mean ± std over training runs of one name (one run: over its evaluation seeds); "
+             "runs × seeds says which. Best valid Rouge-L: the checkpoint-selection protocol (one sample per "
+             "prompt at the training sampling settings), step of the selected checkpoint."]
+    if curves_path is not None:
+        notes.append(f"Training curves: `{curves_path.name}`.")
+    report_path = out_dir / REPORT_FILE
+    atomic_write_text(report_path, f"# {title}\n\n{table}\n" + "\n\n".join(notes) + "\n")
+    return Report(table, report_path, curves_path, rows)
+

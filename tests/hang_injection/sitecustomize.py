@@ -1,0 +1,40 @@
+"""Test-only fault injection for tests/test_faults.py: with this directory on ``PYTHONPATH`` and
+``MINILLM_TEST_HANG_GENERATE_S`` set, every process (Ray actors inherit both from the run that
+starts Ray) patches ``RolloutWorker.generate`` to sleep that long first: a stuck rollout worker
+without a hook in the production code. Python imports ``sitecustomize`` at start-up; the patch is
+applied when ``minillm_rl.rollout.worker`` is first imported."""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time
+
+_MODULE = "minillm_rl.rollout.worker"
+_DELAY = os.environ.get("MINILLM_TEST_HANG_GENERATE_S")
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            generate = module.RolloutWorker.generate
+
+            def sleeping_generate(self, *args, **kwargs):
+                time.sleep(float(_DELAY))
+                return generate(self, *args, **kwargs)
+
+            module.RolloutWorker.generate = sleeping_generate
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _DELAY:
+    sys.meta_path.insert(0, _PatchOnImport())

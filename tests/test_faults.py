@@ -1,0 +1,317 @@
+"""Faults survived or reported (issue 6): a rollout worker or the replay store SIGKILLed mid-round,
+a stuck worker, and a failed `minillm-rl train` that leaves no process behind.
+
+The round-level tests drive :class:`~minillm_rl.rollout.client.RolloutClient` with real Ray actors
+on tiny Llamas (no DeepSpeed): a disturbed round must equal an undisturbed one with the same seeds
+bit for bit, and the replay store's books must balance. Faults are injected at exact points by
+``tests/fault_assets.py`` (a store that SIGKILLs a process at a chosen call), or right after the
+launch of a round whose generation takes seconds (a student whose forward sleeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from minillm_rl.coordinator import canonical_order, concat_rollouts
+from minillm_rl.replay import make_replay_store_actor
+from minillm_rl.rollout.client import RolloutClient
+from minillm_rl.rollout.sampler import SamplingConfig
+from minillm_rl.rollout.worker import call_with_timeout, make_rollout_worker
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from fault_assets import KillingStore, slow_llama  # noqa: E402
+from test_train_e2e import REPO, _train_command, assets  # noqa: E402,F401  (assets is a fixture)
+from tiny_assets import tiny_llama, tiny_tokenizer  # noqa: E402
+
+ray = pytest.importorskip("ray")
+
+VOCAB = len(tiny_tokenizer())
+PROMPTS = [[3 + (7 * row + col) % (VOCAB - 3) for col in range(2 + row % 3)] for row in range(8)]
+SHARDS = [PROMPTS[:4], PROMPTS[4:]]
+SEEDS = [11, 12]
+SAMPLING = SamplingConfig(alpha=0.2, max_new_tokens=8, teacher_dist="exact")
+TIMEOUT_S = 120.0
+# Per student forward: a shard (9 forwards) takes about a second, so a kill sent right after the
+# launch lands mid-generation.
+SLOW_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray whose actors can import tests/ (fault_assets, tiny_assets)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS),
+                                                                                       os.environ.get("PYTHONPATH")]))}})
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _worker(name: str, delay_s: float):
+    teacher = functools.partial(tiny_llama, VOCAB, 2, 0, 0.3)
+    student = functools.partial(slow_llama, VOCAB, delay_s)
+    return make_rollout_worker(teacher, student, threads=1, seed=0, name=name)
+
+
+@pytest.fixture(scope="module")
+def workers(local_ray):
+    handles = [_worker(f"rollout-worker-{i}", SLOW_S) for i in range(2)]
+    yield handles
+    for handle in handles:
+        local_ray.kill(handle, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def learner_student():
+    """The learner's weights (version 4) that every worker must generate with."""
+    return tiny_llama(VOCAB, 1, 5, 0.3)
+
+
+def _store(killing: bool = False):
+    if killing:
+        return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(KillingStore).remote(64, 10**9)
+    return make_replay_store_actor(64, 10**9)
+
+
+def _client(workers, store, student, rpc_timeout_s: float = TIMEOUT_S, names=None) -> RolloutClient:
+    client = RolloutClient(workers, store, SAMPLING, lambda: (student, 4), rpc_timeout_s, TIMEOUT_S, names)
+    client.sync()
+    return client
+
+
+def _round(client: RolloutClient):
+    return canonical_order(client.take_round(0, len(PROMPTS), 4))
+
+
+def _assert_same_rollout(items, reference) -> None:
+    assert [item.key for item in items] == [item.key for item in reference]
+    got, expected = concat_rollouts([i.payload for i in items], 0), concat_rollouts([i.payload for i in reference], 0)
+    for field in dataclasses.fields(expected):
+        mine, theirs = getattr(got, field.name), getattr(expected, field.name)
+        if isinstance(theirs, torch.Tensor):
+            assert torch.equal(mine, theirs), (field.name, mine.shape, theirs.shape, mine.shape == theirs.shape
+                                               and (mine.float() - theirs.float()).abs().max().item())
+        else:
+            assert mine == theirs, field.name
+
+
+def _balanced(stats: dict) -> bool:
+    return stats["produced"] == (stats["consumed"] + stats["dropped_stale"] + stats["lost_on_restore"]
+                                 + stats["in_store_samples"])
+
+
+def _pid(worker) -> int:
+    return call_with_timeout(worker.process_info.remote(), TIMEOUT_S, "process_info")["pid"]
+
+
+@pytest.fixture(scope="module")
+def reference(workers, learner_student):
+    """Round 0 generated without any fault."""
+    store = _store()
+    client = _client(workers, store, learner_student)
+    client.launch(0, SHARDS, SEEDS)
+    items = _round(client)
+    stats = client.replay_stats()
+    assert (stats["produced"], stats["consumed"], stats["relaunches"]) == (8, 8, 0)
+    ray.kill(store)
+    return items
+
+
+def test_worker_killed_mid_generation_is_relaunched_with_the_same_seed(workers, learner_student, reference):
+    store = _store()
+    client = _client(workers, store, learner_student)
+    old_pid = _pid(workers[1])
+    client.launch(0, SHARDS, SEEDS)
+    os.kill(old_pid, signal.SIGKILL)  # its shard needs about a second: it is mid-generation
+    items = _round(client)
+    _assert_same_rollout(items, reference)
+    assert _pid(workers[1]) != old_pid
+    stats = client.replay_stats()
+    assert stats["relaunches"] == 1 and stats["store_recoveries"] == 0
+    assert (stats["produced"], stats["consumed"], stats["duplicates_ignored"]) == (8, 8, 0)
+    assert _balanced(stats)
+    ray.kill(store)
+
+
+def test_worker_killed_after_its_put_is_not_counted_twice(workers, learner_student, reference):
+    store = _store(killing=True)
+    client = _client(workers, store, learner_student)
+    call_with_timeout(store.arm.remote("put", (0, 1), _pid(workers[1])), TIMEOUT_S, "arm")
+    client.launch(0, SHARDS, SEEDS)
+    items = _round(client)
+    _assert_same_rollout(items, reference)
+    stats = client.replay_stats()
+    # Stored once, generated twice: the relaunched shard's put was recognised by its key.
+    assert stats["relaunches"] == 1 and stats["duplicates_ignored"] == 1
+    assert (stats["produced"], stats["consumed"], stats["in_store_samples"]) == (8, 8, 0)
+    assert _balanced(stats)
+    ray.kill(store)
+
+
+@pytest.mark.parametrize("when", ["take", "put"])
+def test_replay_store_killed_mid_round_regenerates_what_it_lost(workers, learner_student, reference, when):
+    """Killed at the take (after both shards were stored) or right after storing shard 0 (the
+    other shard's put may land before, after or during the restart)."""
+    store = _store(killing=True)
+    client = _client(workers, store, learner_student)
+    call_with_timeout(store.arm.remote(*(("take",) if when == "take" else ("put", (0, 0)))), TIMEOUT_S, "arm")
+    client.launch(0, SHARDS, SEEDS)
+    items = _round(client)
+    _assert_same_rollout(items, reference)
+    stats = client.replay_stats()
+    assert stats["store_recoveries"] >= 1 and _balanced(stats)
+    # Every sample consumed once; each copy the dead store took with it is produced and lost.
+    assert stats["consumed"] == 8 and stats["in_store_samples"] == 0
+    assert stats["produced"] == 8 + stats["lost_on_restore"]
+    if when == "take":
+        assert stats["lost_on_restore"] == 8 and stats["relaunches"] == 2
+    else:
+        assert stats["lost_on_restore"] in (4, 8)
+    # The next round goes through the restarted store with the restored books.
+    client.launch(1, SHARDS, SEEDS)
+    client.take_round(1, len(PROMPTS), 4)
+    after = client.replay_stats()
+    assert after["consumed"] == 16 and after["produced"] == stats["produced"] + 8 and _balanced(after)
+    ray.kill(store)
+
+
+def test_stuck_worker_times_out_naming_the_worker_and_the_call(local_ray, learner_student):
+    stuck = _worker("rollout-worker-stuck", delay_s=3600.0)
+    store = _store()
+    process = psutil.Process(_pid(stuck))  # both actors are up before the 2 s limit applies
+    call_with_timeout(store.stats.remote(), TIMEOUT_S, "stats")
+    client = _client([stuck], store, learner_student, rpc_timeout_s=2.0, names=["rollout-worker-stuck"])
+    client.launch(0, [PROMPTS], [1])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^rollout-worker-stuck\.generate_into\(round 0, shard 0\) did not "
+                                           r"finish within 2 s$"):
+        client.take_round(0, len(PROMPTS), 4)
+    assert time.monotonic() - started < 60  # the timeout, not the hour-long forward
+    ray.kill(stuck, no_restart=True)
+    ray.kill(store)
+    _, alive = psutil.wait_procs([process], timeout=30)
+    assert not alive, f"the stuck worker's process {process.pid} survived ray.kill"
+
+
+def test_stuck_worker_fails_the_run_with_one_line_and_leaves_no_process(assets, tmp_path):
+    """A `minillm-rl train` whose rollout workers hang in generate (injected by
+    tests/hang_injection/sitecustomize.py): exit 1, the cause as one line, and no process that
+    inherited the run's environment (Ray's gcs, raylet, actors...) outlives it. The actors did
+    inherit it: the hang, injected the same way, is what timed out."""
+    out = tmp_path / "run"
+    args, env = _train_command(assets, out, "runtime.num_learners=1", "train.phases=[minillm]",
+                               "runtime.rpc_timeout_s=20")
+    marker = uuid.uuid4().hex
+    env = {**env, "MINILLM_TEST_HANG_GENERATE_S": "3600", "MINILLM_TEST_RUN": marker,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS / "hang_injection"), env.get("PYTHONPATH")]))}
+    result = subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # One message, the run's cause. (It may share a terminal line with the progress bar it interrupted.)
+    messages = re.findall(r"minillm-rl: [^\r\n]*", result.stderr)
+    assert len(messages) == 1 and re.fullmatch(
+        r"minillm-rl: run failed: rollout-worker-[01]\.generate_into\(round 0, shard [01]\) did not finish within "
+        r"20 s", messages[0]), result.stderr[-3000:]
+
+    def of_this_run(process: psutil.Process) -> bool:
+        try:
+            return process.environ().get("MINILLM_TEST_RUN") == marker
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    left = [process for process in psutil.process_iter() if of_this_run(process)]
+    _, alive = psutil.wait_procs(left, timeout=10)  # let already-signalled processes finish exiting
+    assert not alive, [" ".join(process.cmdline()) for process in alive]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: refused before anything is written (issue 6 item 4)
+# --------------------------------------------------------------------------------------------
+
+_GOOD_RECORD = '{"instruction": "say hello", "context": "", "response": "hello world"}\n'
+
+
+def _bad_data(line: bytes) -> Callable[[dict, Path], list[str]]:
+    def make(assets: dict, tmp: Path) -> list[str]:
+        path = tmp / "bad.jsonl"
+        path.write_bytes(_GOOD_RECORD.encode() * 3 + line + b"\n")
+        return [f"data.train={path}"]
+    return make
+
+
+def _contradicting_deepspeed_file(assets: dict, tmp: Path) -> list[str]:
+    path = tmp / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
+    return [f"runtime.deepspeed_config={path}"]
+
+
+def _student_without_weights(assets: dict, tmp: Path) -> list[str]:
+    student = tmp / "student"
+    student.mkdir()
+    for item in assets["student"].iterdir():
+        if not item.name.endswith(".safetensors"):
+            (student / item.name).write_bytes(item.read_bytes())
+    return [f"model.student={student}"]
+
+
+BAD_INPUTS = {
+    "malformed JSON line": (_bad_data(b'{"instruction": "a", "response": '), r"bad\.jsonl:4: malformed JSON"),
+    "missing field": (_bad_data(b'{"instruction": "a"}'), r"bad\.jsonl:4: missing field 'response'"),
+    "mistyped field": (_bad_data(b'{"instruction": "a", "response": 5}'), r"bad\.jsonl:4: field 'response' is int"),
+    "empty response": (_bad_data(b'{"instruction": "a", "response": " "}'), r"bad\.jsonl:4: empty response"),
+    "non-UTF-8 bytes": (_bad_data(b'{"instruction": "\xff", "response": "b"}'), r"bad\.jsonl:4: invalid UTF-8"),
+    "no prompt within budget": (lambda a, t: ["data.max_prompt_tokens=2", "data.max_length=10"],
+                                r"data\.train: .* has no example whose prompt fits data\.max_prompt_tokens=2"),
+    "missing model path": (lambda a, t: [f"model.student={t / 'nowhere'}"], r"model path .*nowhere.*no such directory"),
+    "model dir without weights": (_student_without_weights, r"cannot load model .*student"),
+    "alpha outside [0, 1]": (lambda a, t: ["sampling.alpha=1.5"], r"sampling\.alpha"),
+    "negative lr": (lambda a, t: ["train.optim.lr=-0.1"], r"train\.optim\.lr"),
+    "unknown key": (lambda a, t: ["train.totl_steps=3"], r"train\.totl_steps.*did you mean 'train\.total_steps'"),
+    "DeepSpeed file contradicting the recipe": (_contradicting_deepspeed_file,
+                                                r"\.yaml:\d+: sft\.batch_size: is 8 but .*ds\.json sets "
+                                                r"train_micro_batch_size_per_gpu=3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_the_output_dir_is_never_created(case, assets, tmp_path, capsys,
+                                                                          monkeypatch):
+    """`minillm-rl train` in process (the teacher/student tokenizer mismatch is
+    test_train_e2e.py's, as a subprocess). Learner process group, Ray and the run itself are
+    stubbed out: every check must fire before them."""
+    from minillm_rl import cli, coordinator
+
+    def past_the_checks(*args, **kwargs):
+        raise AssertionError(f"{case}: the run got past the input checks")
+
+    monkeypatch.setattr(coordinator, "init_distributed", lambda timeout_s: (0, 1))
+    monkeypatch.setattr(coordinator.TrainingRun, "_start_rollout_side", past_the_checks)
+    monkeypatch.setattr(coordinator.TrainingRun, "run", past_the_checks)
+    make_overrides, expected = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    argv, _ = _train_command(assets, out, "runtime.num_learners=1", *make_overrides(assets, tmp_path))
+    code = cli.main(argv[argv.index("train"):])
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("minillm-rl: error: "), stderr
+    assert re.search(expected, lines[0]), lines[0]
+    assert not out.exists()

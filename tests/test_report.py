@@ -1,0 +1,236 @@
+"""``minillm-rl report``: the table's numbers from synthetic run directories, the curves PNG,
+and one-line errors for directories it cannot read."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minillm_rl.cli import main
+from minillm_rl.evaluation import EvalResult, write_eval_outputs
+from minillm_rl.report import build_report, metric_series, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_metrics(run_dir: Path, records: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({"time": 0.0, **record}) + "\n")
+
+
+def _eval_result(per_seed: list[float], exact: float) -> EvalResult:
+    mean = sum(per_seed) / len(per_seed)
+    return EvalResult("test", 4, mean, 0.0, per_seed, exact, 0.0, [exact] * len(per_seed),
+                      settings={"seeds": list(range(len(per_seed)))})
+
+
+def _train_run(root: Path, name: str, phases: list[str], valid_scores: dict[int, float],
+               test_per_seed: list[float] | None, with_best_json: bool = True) -> Path:
+    """A `minillm-rl train` directory: config.yaml, metrics.jsonl, best.json, best/, eval/."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"phases": phases, "seed": 1}}))
+    stage = phases[-1]
+    records = []
+    for step in range(1, 7):
+        record = {"stage": stage, "step": step, "loss": 1.0 / step}
+        if stage == "minillm":
+            record.update({"reward/mean": -2.0 + 0.1 * step, "reverse_kl/per_token": 1.0 - 0.1 * step,
+                           "response_len/mean": 10.0 + step})
+        records.append(record)
+    records += [{"stage": stage, "step": step, "validation_rouge_l": score} for step, score in valid_scores.items()]
+    _write_metrics(run_dir, records)
+    (run_dir / "best").mkdir()
+    if with_best_json:
+        step, score = max(valid_scores.items(), key=lambda item: item[1])
+        (run_dir / "best.json").write_text(json.dumps({"phase": stage, "step": step, "validation_rouge_l": score}))
+    if test_per_seed is not None:
+        write_eval_outputs(_eval_result(test_per_seed, exact=1.5), run_dir / "eval", name=str(run_dir / "best"))
+    return run_dir
+
+
+def _row(table: str, model: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == model:
+            return cells
+    raise AssertionError(f"no row {model!r} in\n{table}")
+
+
+def _column(table: str, name: str) -> int:
+    return [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")].index(name)
+
+
+def _assert_valid_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000  # four panels with lines, not an empty canvas
+    assert data[12:16] == b"IHDR" and data.rstrip(b"\x00")[-8:-4] == b"IEND"
+
+
+def test_report_table_numbers_and_curves(tmp_path):
+    teacher = write_eval_outputs(_eval_result([30.0, 32.0], exact=3.0), tmp_path / "teacher-eval", name="teacher-dir")
+    sft = _train_run(tmp_path, "sft-run", ["sft"], {3: 11.0, 6: 12.5}, [10.0, 12.0])
+    # Two training seeds of one method, merged under one name.
+    minillm_a = _train_run(tmp_path, "minillm-s1", ["sft", "minillm"], {2: 14.0, 4: 17.0, 6: 16.0}, [20.0, 22.0])
+    minillm_b = _train_run(tmp_path, "minillm-s2", ["sft", "minillm"], {2: 15.0, 4: 18.0}, [24.0, 26.0],
+                           with_best_json=False)
+    report = build_report([f"teacher={teacher}", str(sft), f"MiniLLM={minillm_a}", f"MiniLLM={minillm_b}"],
+                          tmp_path / "report")
+    text = report.report_path.read_text()
+    assert report.table in text
+    test_col, exact_col = _column(report.table, "test Rouge-L"), _column(report.table, "exact match")
+    best_col, step_col = _column(report.table, "best valid Rouge-L"), _column(report.table, "best step")
+    teacher_row = _row(report.table, "teacher")
+    assert teacher_row[test_col] == "31.00 ± 1.00" and teacher_row[exact_col] == "3.00"
+    assert teacher_row[best_col] == "" and "teacher-dir" in teacher_row  # the evaluated model
+    sft_row = _row(report.table, "SFT")  # named after train.phases
+    assert sft_row[test_col] == "11.00 ± 1.00" and sft_row[best_col] == "12.50" and sft_row[step_col] == "6"
+    minillm_row = _row(report.table, "MiniLLM")
+    # Mean of the two runs' means (21, 25) ± their std; the best validation over both runs (run b
+    # has no best.json: taken from its logged validation scores).
+    assert minillm_row[test_col] == "23.00 ± 2.00" and minillm_row[exact_col] == "1.50"
+    assert minillm_row[best_col] == "18.00" and minillm_row[step_col] == "4"
+    assert minillm_row[_column(report.table, "test runs × seeds")] == "2 × 2"
+    assert str(minillm_a) in minillm_row[-1] and str(minillm_b) in minillm_row[-1]
+    assert [line.split("|")[1].strip() for line in report.table.splitlines()[2:]] == ["teacher", "SFT", "MiniLLM"]
+    assert report.curves_path == tmp_path / "report" / "curves.png"
+    _assert_valid_png(report.curves_path)
+
+
+def test_demo_directory_gives_three_rows_and_its_checkpoint(tmp_path):
+    demo = tmp_path / "demo"
+    _write_metrics(demo, [{"stage": "sft", "step": 0, "loss": 2.0}, {"stage": "sft", "step": 1, "validation_loss": 1.5},
+                          {"stage": "minillm", "step": 1, "reward/mean": -1.0, "reverse_kl/per_token": 0.5,
+                           "response_len/mean": 12.0},
+                          {"stage": "minillm", "step": 2, "validation_rouge_l": 9.5}])
+    (demo / "best.json").write_text(json.dumps({"phase": "minillm", "round": 2, "validation_rouge_l": 9.5}))
+    rows = [{"model": "teacher", "rouge_l": 13.4, "rouge_l_per_seed": [13.4], "exact_match": 0.0},
+            {"model": "SFT student", "rouge_l": 10.5, "rouge_l_per_seed": [10.5], "exact_match": 0.0},
+            {"model": "MiniLLM student", "rouge_l": 12.3, "rouge_l_per_seed": [12.3], "exact_match": 0.0}]
+    (demo / "results.json").write_text(json.dumps({"rows": rows, "best_dir": str(demo / "best")}))
+    report = build_report([str(demo)], demo)
+    assert _row(report.table, "MiniLLM student")[1:] == ["12.30 ± 0.00", "0.00", "1 × 1", "9.50", "2",
+                                                         str(demo / "best"), str(demo)]
+    assert _row(report.table, "SFT student")[1] == "10.50 ± 0.00"
+    _assert_valid_png(demo / "curves.png")
+
+
+def test_resumed_steps_keep_the_last_value_and_cut_last_line_is_ignored(tmp_path):
+    run = tmp_path / "run"
+    _write_metrics(run, [{"stage": "minillm", "step": 2, "reward/mean": 1.0},
+                         {"stage": "minillm", "step": 4, "reward/mean": 2.0},
+                         {"stage": "minillm", "step": 4, "reward/mean": 3.0, "flag": True}])  # resumed
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"stage": "minillm", "st')  # killed mid-write
+    series = metric_series(read_metrics(run / "metrics.jsonl"))
+    assert series == {"minillm": {"reward/mean": [(2, 1.0), (4, 3.0)]}}
+    (run / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\nnot json\n{"stage": "sft", "step": 2}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'metrics.jsonl'}:2: malformed JSON")):
+        read_metrics(run / "metrics.jsonl")
+
+
+def test_unreadable_run_directories_are_one_line_errors(tmp_path, capsys):
+    no_metrics = tmp_path / "no-metrics"
+    no_metrics.mkdir()
+    (no_metrics / "config.yaml").write_text(yaml.safe_dump({"train": {"phases": ["sft"]}}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "results.json").write_text("{")
+    cases = [(no_metrics, f"{no_metrics}: no metrics.jsonl"), (empty, f"{empty}: no metrics.jsonl or results.json"),
+             (corrupt, f"{corrupt / 'results.json'}: corrupt"), (tmp_path / "missing", "not a directory")]
+    for run_dir, expected in cases:
+        assert main(["report", str(run_dir), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("minillm-rl: error: ") and expected in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing written when a run cannot be read
+
+
+def test_report_cli_prints_table_and_paths(tmp_path, capsys):
+    run = _train_run(tmp_path, "kd-run", ["kd"], {5: 7.25}, [7.0])
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\| KD \| 7\.00 ± 0\.00 \| 1\.50 \| 1 × 1 \| 7\.25 \| 5 \|", printed)
+    assert str(tmp_path / "out" / "report.md") in printed and str(tmp_path / "out" / "curves.png") in printed
+
+
+# ---------------------------------------------------------------- bench/bench_quality.py (plan, resume)
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses look their module up while it is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_plan_equalises_the_budget_and_sets_each_ablation(tmp_path):
+    from minillm_rl.config import load_config
+
+    bench = _bench_module()
+    common = ["model.teacher=t", "model.student=s", "data.train=d"]
+    base = load_config(str(bench.RECIPE), common)
+    num_train = 1000
+    runs = bench.plan_runs(tmp_path, base, num_train, seeds=[1, 2], epochs=3, sft_epochs=2)
+    assert len(runs) == 7 * 2 and len({run.run_dir for run in runs}) == 14
+    configs = {(run.name, run.run_dir.name): load_config(str(bench.RECIPE), [*common, *run.overrides]) for run in runs}
+    one_round = base.train.num_rollouts * base.train.ppo_epochs
+    supervised = 3 * (num_train // base.sft.batch_size) * base.sft.batch_size
+    for (name, _), cfg in configs.items():
+        # Every method gets the supervised runs' budget (MiniLLM: up to one round less).
+        assert supervised - one_round < bench.budget_sequences(cfg, num_train) <= supervised, name
+        assert cfg.output.dir.startswith(str(tmp_path / "runs"))
+    by_name = {name: cfg for (name, run_dir), cfg in configs.items() if run_dir.endswith("seed2")}
+    assert by_name["SFT"].train.phases == ["sft"] and by_name["SeqKD"].train.phases == ["seqkd"]
+    assert by_name["MiniLLM"].train.phases == ["sft", "minillm"] and by_name["MiniLLM"].sft.num_epochs == 2
+    assert by_name["MiniLLM"].train.seed == 2 and by_name["MiniLLM"].sampling.alpha == base.sampling.alpha > 0
+    assert by_name["MiniLLM w/o teacher-mixed sampling"].sampling.alpha == 0
+    assert by_name["MiniLLM w/o length normalisation"].advantage.length_normalize is False
+    assert by_name["MiniLLM w/o single-step term"].loss.single_step is False
+    assert by_name["MiniLLM"].advantage.length_normalize and by_name["MiniLLM"].loss.single_step
+    with pytest.raises(ValueError, match="--sft-epochs 3"):
+        bench.plan_runs(tmp_path, base, num_train, [1], epochs=3, sft_epochs=3)
+    with pytest.raises(ValueError, match="unknown"):
+        bench.plan_runs(tmp_path, base, num_train, [1], 3, 2, methods=["DPO"])
+
+
+def test_bench_quality_resume_state_and_dry_run_on_tiny_assets(tmp_path, capsys):
+    from tiny_assets import write_assets
+
+    bench = _bench_module()
+    run_dir = tmp_path / "run"
+    assert bench.run_status(run_dir) == "fresh"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("phase0-sft-step00000003")
+    assert bench.run_status(run_dir) == "resume"
+    (run_dir / "run_summary.json").write_text("{}")
+    assert bench.run_status(run_dir) == "done"
+
+    assets = write_assets(tmp_path / "assets", num_examples=40)
+    tiny = ["--set", "data.template=minillm", "--set", "data.num_validation=4", "--set", "data.max_prompt_tokens=64",
+            "--set", "data.max_length=80", "--set", "sampling.max_new_tokens=8"]
+    args = ["--out", str(tmp_path / "bench"), "--teacher", str(assets["teacher"]), "--student", str(assets["student"]),
+            "--data", str(assets["data"]), "--num-test", "6", "--seeds", "1", "--dry-run", *tiny]
+    bench.main(args)
+    data_dir = tmp_path / "bench" / "data"
+    test_lines = (data_dir / "test.jsonl").read_text().splitlines()
+    pool_lines = (data_dir / "train_pool.jsonl").read_text().splitlines()
+    assert len(test_lines) == 6 and len(pool_lines) == 34 and not set(test_lines) & set(pool_lines)
+    plan = capsys.readouterr().out
+    assert len([line for line in plan.splitlines() if "seed1" in line]) == 7 and " fresh " in plan
+    # A second invocation keeps the held-out split and the prepared data (resumable).
+    before = (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns
+    bench.main(args)
+    assert (data_dir / "test.jsonl").read_text().splitlines() == test_lines
+    assert (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns == before

@@ -27,6 +27,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -127,13 +128,33 @@ def rank_pids(launcher_pid: int, script: str) -> list[int]:
     return pids
 
 
+# Runs the launcher as the leader of its own session and stops that whole session when its parent
+# (the CLI) dies: the session shields the launcher from signals sent to our process group, so
+# without this a SIGKILLed ``minillm-rl`` would leave the launcher and the ranks running.
+# PR_SET_PDEATHSIG (1) delivers SIGTERM on the parent's death; the parent pid check covers a
+# death before prctl ran. Plain Python without imports of ours: it starts in milliseconds.
+_SESSION_GUARD = """
+import ctypes, os, signal, subprocess, sys
+def stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, lambda signum, frame: None)  # a handler, not SIG_IGN: exec resets it
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    stop(signal.SIGTERM, None)
+sys.exit(subprocess.call(sys.argv[2:]))
+"""
+
+
 def run_forwarding_signals(command: Sequence[str], env: dict[str, str],
                            find_ranks: Callable[[int], list[int]], poll_s: float = 0.5) -> int:
     """Run ``command`` (a launcher) in its own session and return its exit code; SIGTERM /
     SIGUSR1 received meanwhile are sent to ``find_ranks(launcher_pid)`` (a signal that arrives
     before the ranks exist is delivered once they do), SIGINT to the launcher's session."""
     pending: list[int] = []
-    launcher = subprocess.Popen(list(command), env=env, start_new_session=True)
+    launcher = subprocess.Popen([sys.executable, "-c", _SESSION_GUARD, str(os.getpid()), *command], env=env,
+                                start_new_session=True)
 
     def forward_later(signum: int, frame) -> None:
         pending.append(signum)

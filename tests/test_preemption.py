@@ -25,7 +25,7 @@ import os, pathlib, signal, sys, time
 out, rank, got = pathlib.Path(sys.argv[-1]), os.environ["RANK"], []
 for signum in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(signum, lambda s, f: got.append(s))
-(out / f"ready{rank}").write_text("")
+(out / f"ready{rank}").write_text(str(os.getpid()))
 deadline = time.monotonic() + 120
 while not got and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -98,3 +98,32 @@ def test_signal_to_the_cli_reaches_every_rank_under_the_deepspeed_launcher(tmp_p
     assert forwarder.returncode == EXIT_PREEMPTED, output[-3000:]
     name = signal.Signals(signum).name
     assert [(tmp_path / f"got{rank}").read_text() for rank in (0, 1)] == [name, name]
+
+
+def test_ranks_do_not_outlive_a_killed_cli(tmp_path):
+    """SIGKILL to the process that started the launcher (which runs in its own session) must still
+    stop the launcher and the ranks: no learner is left running after the CLI is gone."""
+    script = tmp_path / "fake_rank.py"
+    script.write_text(FAKE_RANK)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    forwarder = subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(_free_port()), str(tmp_path)],
+                                 env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180  # hang guards, not timing assertions
+    while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
+        assert forwarder.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.2)  # the ready file is written before its pid text is flushed on some filesystems
+    rank_pids = [int((tmp_path / f"ready{rank}").read_text()) for rank in (0, 1)]
+    forwarder.kill()
+    forwarder.wait()
+    deadline = time.monotonic() + 60
+    alive = rank_pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in rank_pids if Path(f"/proc/{pid}").exists()
+                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[:1]]
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived the killed CLI"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.engine import lr_factor
+from minillm_rl.trainer.engine import lr_factor, make_adamw
 from minillm_rl.trainer.minillm import rank_and_world as _rank_and_world
 
 DEFAULT_EXPORT_BUCKET_NUMEL = 50_000_000  # 200 MB of fp32 gathered at a time under ZeRO-3
@@ -163,8 +163,8 @@ def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[
     """``deepspeed.initialize`` over ``model`` with AdamW and the warm-up + constant/cosine
     schedule of :func:`~minillm_rl.trainer.engine.lr_factor` (the TorchEngine's, step for step).
 
-    A torch AdamW (not DeepSpeed's fused/CPU Adam) keeps the math identical to the single-process
-    engine and needs no compiled op; configs that offload the optimizer set
+    torch's fused AdamW (:func:`~minillm_rl.trainer.engine.make_adamw`, not DeepSpeed's fused/CPU
+    Adam) keeps the math identical to the single-process engine and needs no compiled op; configs that offload the optimizer set
     ``zero_force_ds_cpu_optimizer: false`` to allow it. Call :func:`init_distributed` first.
     """
     import deepspeed
@@ -172,8 +172,7 @@ def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[
     _, world_size = _rank_and_world()
     config = resolve_ds_config(ds_config, optim, micro_batch_size, world_size)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+    optimizer = make_adamw(parameters, optim)
     lr_factor(optim.warmup_steps, optim, total_steps)  # a bad schedule fails here, not mid-run
     schedule = functools.partial(lr_factor, cfg=optim, total_steps=total_steps)
     engine, *_ = deepspeed.initialize(

@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import SupervisedBatch, collate_supervised
-from minillm_rl.coordinator import (
-    TrainingRun,
-    broadcast_from_coordinator,
+from minillm_rl.coordinator import TrainingRun, broadcast_from_coordinator
+from minillm_rl.rounds import (
     canonical_order,
     concat_rollouts,
     crossed_interval,

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from minillm_rl.coordinator import canonical_order, concat_rollouts
+from minillm_rl.rounds import canonical_order, concat_rollouts
 from minillm_rl.replay import make_replay_store_actor
 from minillm_rl.rollout.client import RolloutClient
 from minillm_rl.rollout.sampler import SamplingConfig

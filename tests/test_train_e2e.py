@@ -25,12 +25,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minillm_rl.checkpointing import checkpoint_problem, checkpoint_tags, read_manifest_summary
-from minillm_rl.coordinator import (
+from minillm_rl.checkpointing import checkpoint_tag, parse_checkpoint_tag
+from minillm_rl.rounds import (
     canonical_order,
-    checkpoint_tag,
     concat_rollouts,
     crossed_interval,
-    parse_checkpoint_tag,
     round_prompt_indices,
     split_evenly,
 )
@@ -342,7 +341,7 @@ def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
     teacher's targets: seqkd on the teacher's samples (not the human answers), kd with the
     teacher's distribution mixed into the CE."""
     from minillm_rl.batching import collate_supervised
-    from minillm_rl.coordinator import derived_seed, epoch_order, split_evenly
+    from minillm_rl.rounds import derived_seed, epoch_order, split_evenly
     from minillm_rl.data import load_instructions, split_validation, tokenize_examples
     from minillm_rl.forward import response_logits
     from minillm_rl.models import load_causal_lm, load_tokenizer

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from minillm_rl.forward import position_ids_from_mask
 from minillm_rl.logits import process_logits
 from minillm_rl.models import (
     check_tokenizers_compatible,
@@ -23,7 +24,14 @@ from minillm_rl.models import (
     load_causal_lm,
     prune_student,
 )
-from minillm_rl.rollout.sampler import Rollout, SamplingConfig, _decode, sample_categorical, sample_rollouts
+from minillm_rl.rollout.sampler import (
+    Rollout,
+    SamplingConfig,
+    _CachedDecoder,
+    _decode,
+    sample_categorical,
+    sample_rollouts,
+)
 
 torch.set_num_threads(2)
 
@@ -246,6 +254,37 @@ def test_sample_categorical_frequencies_and_zero_probability_tokens():
     # Same generator state, same draws.
     again = sample_categorical(weights.repeat(10000, 1), torch.Generator().manual_seed(0)).view(10000, 2)
     assert torch.equal(draws, again)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_cpu_decode_head_copy_reproduces_the_models_logits(arch):
+    """The decode fast path (base model + transposed head copy) must be taken for the supported
+    layouts and give the whole model's logits at every step; a model whose logits are not a
+    linear map of the last hidden state (soft-capping here) must fall back to the whole model."""
+    model = make_tiny_lm(arch, VOCAB, num_layers=2, seed=4, init_std=0.3)
+    prompt_ids, prompt_mask = _ragged_prompts(seed=1)
+    positions = position_ids_from_mask(prompt_mask)
+    decoder = _CachedDecoder(model, prompt_ids, prompt_mask, positions)
+    assert decoder.head is not None
+    ids, mask = prompt_ids, prompt_mask
+    next_position = positions[:, -1:] + 1
+    for step in range(3):
+        tokens = torch.full((prompt_ids.shape[0],), 2 + step)
+        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        decoder.step(tokens, mask, next_position)
+        next_position = next_position + 1
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        torch.testing.assert_close(decoder.next_logits, expected, rtol=1e-5, atol=1e-5)
+
+    original_forward = model.forward
+
+    def soft_capped(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+    model.forward = soft_capped
+    assert _CachedDecoder(model, prompt_ids, prompt_mask, positions).head is None
 
 
 def test_vocab_mismatch_is_refused():

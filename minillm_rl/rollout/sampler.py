@@ -184,26 +184,51 @@ def _check_vocab(student, teacher) -> int:
 
 
 class _CachedDecoder:
-    """One model decoding with its own KV cache; returns last-position logits ``[B, V]``."""
+    """One model decoding with its own KV cache; returns last-position logits ``[B, V]``.
+
+    On CPU the LM head of a decode step is a ``[B, H] x [H, V]`` product that is bound by reading
+    the weight; against a transposed contiguous copy of the head it measured 1.5x faster than
+    ``F.linear`` (17.5 -> 11.7 ms for a 49k x 576 head at batch 8). So after the prefill, which
+    runs the whole model, decode steps run the base model and this head copy, provided the
+    prefill's logits are reproduced from its last hidden state (a model whose logits are not a
+    plain linear map of it, e.g. with soft-capping, keeps the whole-model path).
+    """
 
     def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        self.next_logits = self._forward(prompt_ids, prompt_mask, position_ids)
-
-    def _forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        self.head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                    output_hidden_states=prompt_ids.device.type == "cpu")
+        self.next_logits = out.logits[:, -1]
+        if out.hidden_states is not None:
+            self.head = _transposed_head(model, out.hidden_states[-1][:, -1], self.next_logits)
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        self.next_logits = self._forward(tokens.unsqueeze(-1), attention_mask, position_ids)
+        inputs = {"input_ids": tokens.unsqueeze(-1), "attention_mask": attention_mask, "position_ids": position_ids,
+                  "past_key_values": self.cache, "use_cache": True}
+        if self.head is None:
+            self.next_logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+            return
+        weight_t, bias = self.head
+        hidden = self.model.base_model(**inputs).last_hidden_state[:, -1]
+        logits = hidden @ weight_t
+        self.next_logits = logits if bias is None else logits.add_(bias)
+
+
+def _transposed_head(model, hidden: torch.Tensor, logits: torch.Tensor):
+    """``(weight^T contiguous [H, V], bias or None)`` of ``model``'s LM head if ``hidden [B, H]``
+    times it reproduces ``logits [B, V]``, else ``None``."""
+    head = model.get_output_embeddings()
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    if weight is None or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        return None
+    weight_t = weight.detach().t().contiguous()
+    candidate = hidden @ weight_t if bias is None else hidden @ weight_t + bias
+    if candidate.shape != logits.shape or not torch.allclose(candidate.float(), logits.float(), rtol=1e-4, atol=1e-4):
+        return None
+    return weight_t, None if bias is None else bias.detach()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ Design choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -58,7 +59,9 @@ from minillm_rl.learner import (
     export_student_state,
     init_distributed,
     load_checkpoint,
+    resolve_ds_config,
     save_checkpoint,
+    zero3_construction,
 )
 from minillm_rl.models import (
     check_tokenizers_compatible,
@@ -148,6 +151,7 @@ class TrainingRun:
         self.preemption = None  # a PreemptionSignals, set by run_training
         self.metrics = self.eval_model = self.replay = None
         self.workers: list = []
+        self.progress_bar = None  # the current phase's tqdm bar (phases.py)
         self._ray_started = False
         if self.is_coordinator:
             # Loaded before the first write: a student path without weights is bad input too.
@@ -229,6 +233,8 @@ class TrainingRun:
         """Close the metrics file and end the rollout side, also after a failure: the actors are
         killed without restart (a stuck worker stops generating; on a shared cluster they would
         outlive this process otherwise), and a Ray instance this run started is shut down."""
+        if self.progress_bar is not None:
+            self.progress_bar.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.workers or self.replay is not None:
@@ -256,14 +262,16 @@ class TrainingRun:
         gguf = cfg.model.student_gguf_file
         if phase == "minillm" and "sft" in cfg.train.phases[:phase_index]:
             init, gguf = self.out / "sft_best_loss", None
-        model = load_causal_lm(init, dtype=torch.float32, gguf_file=gguf)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if phase != "minillm":
             optim, micro, total = cfg.sft.optim, cfg.sft.batch_size // self.world_size, self.sft_total_steps()
         else:
             optim, micro, total = cfg.train.optim, cfg.train.micro_batch_size // self.world_size, cfg.train.total_steps
-        ds_config = cfg.runtime.deepspeed_config or DEFAULT_DS_CONFIG
+        ds_config = resolve_ds_config(cfg.runtime.deepspeed_config or DEFAULT_DS_CONFIG, optim, micro, self.world_size)
+        # A GGUF student is dequantised into a fresh model, which cannot happen inside zero.Init.
+        with zero3_construction(ds_config) if gguf is None else contextlib.nullcontext():
+            model = load_causal_lm(init, dtype=torch.float32, gguf_file=gguf)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return build_engine(model, ds_config, optim, micro, total_steps=total)
 
     def export(self, engine) -> None:

@@ -16,6 +16,7 @@ Advantage whitening is pooled over the same ranks (``group``), so it matches too
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -156,6 +157,26 @@ def resolve_ds_config(ds_config: str | os.PathLike | Mapping[str, Any], optim: O
     config.update(expected)
     config["gradient_clipping"] = float(optim.grad_clip)
     return config
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: Mapping[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, ``from_pretrained`` inside this block builds the model already partitioned
+    over the ranks (transformers' ``deepspeed.zero.Init`` integration) and loads the checkpoint
+    into the partitions, so no rank ever holds the whole model (8 ranks x a 13B fp32 copy would be
+    416 GB of host memory per node). Other stages: a no-op. ``ds_config`` must be resolved
+    (:func:`resolve_ds_config`)."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers keeps only a weak reference: ZeRO-3 construction lasts while this object lives.
+    hf_deepspeed_config = HfDeepSpeedConfig(dict(ds_config))
+    try:
+        yield
+    finally:
+        del hf_deepspeed_config
 
 
 def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[str, Any], optim: OptimConfig,

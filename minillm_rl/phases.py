@@ -38,8 +38,10 @@ from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
 
 
 def _progress_bar(run: TrainingRun, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, initial=min(run.progress.phase_step, total), desc=desc, dynamic_ncols=True,
-                disable=not run.is_coordinator)
+    """The phase's bar; kept on ``run`` so that ``run.close`` ends its line before an error is printed."""
+    run.progress_bar = tqdm(total=total, initial=min(run.progress.phase_step, total), desc=desc,
+                            dynamic_ncols=True, disable=not run.is_coordinator)
+    return run.progress_bar
 
 
 # --------------------------------------------------------------------------------------------

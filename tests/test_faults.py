@@ -3,7 +3,7 @@ a stuck worker, and a failed `minillm-rl train` that leaves no process behind.
 
 The round-level tests drive :class:`~minillm_rl.rollout.client.RolloutClient` with real Ray actors
 on tiny Llamas (no DeepSpeed): a disturbed round must equal an undisturbed one with the same seeds
-bit for bit, and the replay store's books must balance. Faults are injected at exact points by
+(the same tokens; recorded log-probs within 1e-5), and the replay store's books must balance. Faults are injected at exact points by
 ``tests/fault_assets.py`` (a store that SIGKILLs a process at a chosen call), or right after the
 launch of a round whose generation takes seconds (a student whose forward sleeps).
 """
@@ -106,9 +106,12 @@ def _assert_same_rollout(items, reference) -> None:
     got, expected = concat_rollouts([i.payload for i in items], 0), concat_rollouts([i.payload for i in reference], 0)
     for field in dataclasses.fields(expected):
         mine, theirs = getattr(got, field.name), getattr(expected, field.name)
-        if isinstance(theirs, torch.Tensor):
-            assert torch.equal(mine, theirs), (field.name, mine.shape, theirs.shape, mine.shape == theirs.shape
-                                               and (mine.float() - theirs.float()).abs().max().item())
+        if isinstance(theirs, torch.Tensor) and not theirs.is_floating_point():
+            assert torch.equal(mine, theirs), field.name  # the same tokens, masks, shapes
+        elif isinstance(theirs, torch.Tensor):
+            # A restarted process may take another (equally exact) CPU kernel path, e.g. for a
+            # differently aligned buffer, so the recorded log-probs may differ in the last bits.
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5, msg=field.name)
         else:
             assert mine == theirs, field.name
 

@@ -64,6 +64,7 @@ from minillm_rl.learner import (
     zero3_construction,
 )
 from minillm_rl.models import (
+    check_model_files,
     check_tokenizers_compatible,
     load_causal_lm,
     load_tokenizer,
@@ -180,6 +181,10 @@ class TrainingRun:
         model = self.cfg.model
         student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
         if model.teacher:
+            try:
+                check_model_files(model.teacher, model.teacher_gguf_file)  # the workers load it, later
+            except ValueError as err:
+                raise ValueError(f"model.teacher: {err}") from None
             teacher = load_tokenizer(model.teacher, gguf_file=model.teacher_gguf_file)
             try:
                 check_tokenizers_compatible(teacher, student)

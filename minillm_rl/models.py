@@ -83,9 +83,25 @@ def load_tokenizer(path_or_name: str | os.PathLike, gguf_file: str | None = None
         raise ValueError(f"cannot load tokenizer {source!r}: {str(err).splitlines()[0]}") from err
 
 
-def _is_complete_model_dir(path: Path) -> bool:
+def _has_config_and_weights(path: Path) -> bool:
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() and has_weights
+    return (path / "config.json").is_file() and has_weights
+
+
+def _is_complete_model_dir(path: Path) -> bool:
+    return _has_config_and_weights(path) and (path / "tokenizer_config.json").is_file()
+
+
+def check_model_files(path_or_name: str | os.PathLike, gguf_file: str | None = None) -> None:
+    """Refuse, without loading anything, a local model directory that lacks ``config.json`` or
+    weights (``*.safetensors`` / ``*.bin``): for a model only other processes load (the teacher,
+    in the rollout workers), so that the mistake is bad input, found before anything is written.
+    Hub names and GGUF files are checked when they are loaded."""
+    source = _check_source(path_or_name, gguf_file)
+    path = Path(source)
+    if gguf_file is None and path.is_dir() and not _has_config_and_weights(path):
+        raise ValueError(f"model path {source!r}: expected a Hugging Face model directory with config.json and "
+                         f"*.safetensors or *.bin weights")
 
 
 def gguf_to_hf(gguf_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.PathLike) -> Path:

@@ -266,13 +266,15 @@ def _contradicting_deepspeed_file(assets: dict, tmp: Path) -> list[str]:
     return [f"runtime.deepspeed_config={path}"]
 
 
-def _student_without_weights(assets: dict, tmp: Path) -> list[str]:
-    student = tmp / "student"
-    student.mkdir()
-    for item in assets["student"].iterdir():
-        if not item.name.endswith(".safetensors"):
-            (student / item.name).write_bytes(item.read_bytes())
-    return [f"model.student={student}"]
+def _without_weights(role: str) -> Callable[[dict, Path], list[str]]:
+    def make(assets: dict, tmp: Path) -> list[str]:
+        copy = tmp / role
+        copy.mkdir()
+        for item in assets[role].iterdir():
+            if not item.name.endswith(".safetensors"):
+                (copy / item.name).write_bytes(item.read_bytes())
+        return [f"model.{role}={copy}"]
+    return make
 
 
 BAD_INPUTS = {
@@ -284,7 +286,9 @@ BAD_INPUTS = {
     "no prompt within budget": (lambda a, t: ["data.max_prompt_tokens=2", "data.max_length=10"],
                                 r"data\.train: .* has no example whose prompt fits data\.max_prompt_tokens=2"),
     "missing model path": (lambda a, t: [f"model.student={t / 'nowhere'}"], r"model path .*nowhere.*no such directory"),
-    "model dir without weights": (_student_without_weights, r"cannot load model .*student"),
+    "student dir without weights": (_without_weights("student"), r"cannot load model .*student"),
+    "teacher dir without weights": (_without_weights("teacher"), r"model\.teacher: model path .*teacher.* config\.json "
+                                                                  r"and \*\.safetensors or \*\.bin weights"),
     "alpha outside [0, 1]": (lambda a, t: ["sampling.alpha=1.5"], r"sampling\.alpha"),
     "negative lr": (lambda a, t: ["train.optim.lr=-0.1"], r"train\.optim\.lr"),
     "unknown key": (lambda a, t: ["train.totl_steps=3"], r"train\.totl_steps.*did you mean 'train\.total_steps'"),

@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from minillm_rl.tracking import staged_directory
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -236,24 +236,10 @@ def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: st
 def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> Path:
     """``save_pretrained`` model and tokenizer into a temporary sibling, then rename it to
     ``out_dir`` (replacing an older one), so readers never see a half-written model."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp_dir:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
-        if out_dir.exists():
-            # Keep the old model until the new one is in place (a rename, not a copy).
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old_dir / "model")
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old_dir)
-        else:
-            os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def smollm2_teacher_and_student(artifacts_dir: str | os.PathLike, student_layers: int = 6) -> tuple[Path, Path]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -28,6 +30,29 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: b
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to write a whole directory into; on success it is
+    renamed to ``out_dir``, replacing an older one only once the new one is complete (renames,
+    not copies), so readers never see a half-written directory. On failure it is removed and the
+    old ``out_dir`` is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp_dir
+        if out_dir.exists():
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old_dir / "previous")
+            os.replace(tmp_dir, out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
 

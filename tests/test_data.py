@@ -407,6 +407,7 @@ def test_prepare_dataset_counts_budgets_and_manifest(tmp_path):
     out = tmp_path / "prepared"
     manifest = prepare_dataset(str(source), tokenizer, "tiny-words", out, settings)
     assert read_manifest(out) == manifest and not (tmp_path / "prepared.tmp").exists()
+    assert not list(tmp_path.glob(".prepared.*")), "a staging directory was left behind"
     assert manifest["format_version"] == PREPARED_FORMAT_VERSION
     counts = manifest["counts"]
     assert counts["loaded"] == 11 and counts["skipped_bad"] == {"malformed_json": 1}

@@ -74,17 +74,22 @@ def test_children_started_under_the_block_ignore_sigusr1_and_ours_arrives_late()
             child.wait()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_to_the_cli_reaches_every_rank_under_the_deepspeed_launcher(tmp_path, signum):
-    """Sent to the process that started the launcher, the signal must reach both ranks (the
-    launcher alone would kill them on SIGTERM and die on SIGUSR1) and their exit code 3 come back."""
+def _start_forwarder(tmp_path: Path, **popen_kwargs) -> subprocess.Popen:
+    """FORWARDER over two FAKE_RANKs in ``tmp_path``, with no launcher variables inherited."""
     script = tmp_path / "fake_rank.py"
     script.write_text(FAKE_RANK)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    forwarder = subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(_free_port()), str(tmp_path)],
-                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(_free_port()), str(tmp_path)],
+                            env=env, cwd=REPO, **popen_kwargs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_to_the_cli_reaches_every_rank_under_the_deepspeed_launcher(tmp_path, signum):
+    """Sent to the process that started the launcher, the signal must reach both ranks (the
+    launcher alone would kill them on SIGTERM and die on SIGUSR1) and their exit code 3 come back."""
+    forwarder = _start_forwarder(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
         while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
@@ -103,13 +108,7 @@ def test_signal_to_the_cli_reaches_every_rank_under_the_deepspeed_launcher(tmp_p
 def test_ranks_do_not_outlive_a_killed_cli(tmp_path):
     """SIGKILL to the process that started the launcher (which runs in its own session) must still
     stop the launcher and the ranks: no learner is left running after the CLI is gone."""
-    script = tmp_path / "fake_rank.py"
-    script.write_text(FAKE_RANK)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    forwarder = subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(_free_port()), str(tmp_path)],
-                                 env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    forwarder = _start_forwarder(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180  # hang guards, not timing assertions
     while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
         assert forwarder.poll() is None and time.monotonic() < deadline

@@ -8,7 +8,7 @@
                              (prompt_ids, response_ids, source, instruction, input, response) and,
                              with a PT corpus, "pretrain" rows (input_ids, one block each)
 
-The directory is built under ``DIR.tmp`` and renamed into place, so ``DIR`` is either absent or
+The directory is built in a temporary sibling and renamed into place, so ``DIR`` is either absent or
 complete. Loading refuses a manifest of another format version, another tokenizer, or other
 budgets/split than the recipe's: the recipe and the data must describe the same run.
 """
@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +26,7 @@ from typing import Any, Sequence
 from minillm_rl.data.instructions import load_instructions, split_validation
 from minillm_rl.data.prepare import TokenizedExample, format_prompt, tokenize_examples
 from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
-from minillm_rl.tracking import atomic_write_json
+from minillm_rl.tracking import atomic_write_json, staged_directory
 
 PREPARED_FORMAT_VERSION = 1
 MANIFEST_NAME = "prepared.json"
@@ -130,22 +129,9 @@ def prepare_dataset(source: str, tokenizer: Any, tokenizer_name: str, out_dir: s
         splits["pretrain"] = datasets.Dataset.from_dict({"input_ids": blocks.tolist()})
         manifest["pretrain"] = {"files": [str(p) for p in pretrain_corpus], "block_size": block_size,
                                 "num_blocks": blocks.shape[0]}
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)  # left over by an interrupted run
-    try:
+    with staged_directory(out_dir) as tmp_dir:
         datasets.DatasetDict(splits).save_to_disk(str(tmp_dir / DATA_SUBDIR))
         atomic_write_json(tmp_dir / MANIFEST_NAME, manifest)
-        if out_dir.exists():
-            old_dir = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old_dir, ignore_errors=True)
-            os.replace(out_dir, old_dir)
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old_dir)
-        else:
-            os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -62,7 +62,9 @@ class ModelConfig:
 class DataConfig:
     """Instruction data (algorithm.md §7). ``train``: a ``.jsonl``/``.json`` file, a saved or hub
     ``datasets`` name, or ``"sharegpt"``; the format is recognised from that form.
-    ``pretrain_corpus``: plain-text files for the PT term; empty = no PT term."""
+    ``pretrain_corpus``: plain-text files (or directories of ``*.txt``) for the minillm phase's
+    PT term (algorithm.md §4.4), one document per file, cut into blocks of ``max_length`` tokens
+    as the reference; empty = no PT term, unless ``train`` is a prepared dataset with PT blocks."""
 
     train: str = ""
     split: str = "train"
@@ -417,6 +419,15 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
                                         f"got {sampling.max_new_tokens}")
     if config.loss.single_step and sampling.teacher_dist == "none":
         fail("sampling.teacher_dist", "is 'none' but loss.single_step is on: use 'exact' or 'topk'")
+    if data.pretrain_corpus:
+        if "minillm" not in train.phases:
+            fail("data.pretrain_corpus", "feeds the minillm phase's PT term only; leave it empty for phases "
+                                         f"{train.phases}")
+        if config.loss.lm_coef == 0:
+            fail("data.pretrain_corpus", "is set but loss.lm_coef is 0 (no PT term): set one or leave the other")
+        if config.loss.kd_ratio > 0 and sampling.teacher_dist == "none":
+            fail("sampling.teacher_dist", "is 'none' but the PT term mixes in the teacher (loss.kd_ratio > 0): "
+                                          "use 'exact' or 'topk', or loss.kd_ratio=0")
     if train.num_rollouts % train.micro_batch_size:
         fail("train.micro_batch_size", f"must divide train.num_rollouts ({train.num_rollouts}), "
                                        f"got {train.micro_batch_size}")

@@ -51,7 +51,8 @@ from minillm_rl.checkpointing import (
 )
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-from minillm_rl.data.prepared import is_prepared_dir, load_prepared
+from minillm_rl.data.prepared import is_prepared_dir, load_prepared, load_prepared_pretrain
+from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
 from minillm_rl.errors import EXIT_PREEMPTED, RunFailed
 from minillm_rl.evaluation import EvalConfig, evaluate
 from minillm_rl.learner import (
@@ -144,6 +145,7 @@ class TrainingRun:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.train_examples, self.valid_examples = self._load_data()
+        self.pretrain_blocks = self._load_pretrain_blocks()
         self.references = [[self.tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()]
                            for e in self.valid_examples]
         self.exported_version: int | None = None
@@ -168,9 +170,6 @@ class TrainingRun:
 
     def _check_supported(self) -> None:
         cfg = self.cfg
-        if cfg.data.pretrain_corpus:
-            raise ValueError("data.pretrain_corpus: the PT term is not implemented by `minillm-rl train` yet; "
-                             "leave it empty")
         for dotted, batch in (("train.micro_batch_size", cfg.train.micro_batch_size),
                               ("sft.batch_size", cfg.sft.batch_size)):
             if batch % self.world_size:
@@ -208,6 +207,24 @@ class TrainingRun:
             raise ValueError(f"data.train: {data.train} has no example whose prompt fits data.max_prompt_tokens="
                              f"{data.max_prompt_tokens} in the {'training' if not train else 'validation'} split")
         return train, valid
+
+    def _load_pretrain_blocks(self) -> torch.Tensor | None:
+        """The PT term's corpus blocks ``[num_blocks, block_size]`` (minillm phase with
+        ``loss.lm_coef > 0``; from the prepared dataset or ``data.pretrain_corpus``), or None."""
+        cfg, data = self.cfg, self.cfg.data
+        prepared = load_prepared_pretrain(data.train) if is_prepared_dir(data.train) else None
+        if prepared is not None and data.pretrain_corpus:
+            raise ValueError(f"data.pretrain_corpus: data.train ({data.train}) already has PT blocks; give the "
+                             "corpus in one place")
+        if "minillm" not in cfg.train.phases or cfg.loss.lm_coef == 0 or not (prepared is not None or
+                                                                               data.pretrain_corpus):
+            return None
+        if prepared is not None:
+            return prepared
+        try:
+            return pack_into_blocks(read_text_documents(data.pretrain_corpus), self.tokenizer, data.max_length)
+        except ValueError as err:
+            raise ValueError(f"data.pretrain_corpus: {err}") from None
 
     def _start_rollout_side(self) -> None:
         """Ray, the rollout workers and the replay store (rank 0 only)."""

@@ -195,6 +195,40 @@ class _TopKReverseKLKernel:
         return student_probs * (bucket_ratio - coarse_kl[:, None]) * grad_out[:, None]
 
 
+class _TopKSoftCrossEntropyKernel:
+    """``-sum_b P(b) log Q(b)`` over the buckets of :func:`_topk_reverse_kl_parts` (each teacher
+    top-K token, and the tail): the soft cross-entropy of the coarsened distributions.
+
+    ``d/dz_v = q_v (1 - P(b(v)) / Q(b(v)))`` since ``sum_b P(b) = 1``; a top token's bucket is
+    itself, so there it is ``q_v - p_v``, as in the exact kernel.
+    """
+
+    @staticmethod
+    def _parts(logits, topk_logprobs, topk_ids):
+        student_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        student_top = student_logprobs.gather(-1, topk_ids)
+        student_tail = torch.logsumexp(student_logprobs.scatter(-1, topk_ids, float("-inf")), dim=-1)
+        teacher_top = topk_logprobs.float().exp()
+        # A tail below the shipped values' resolution is rounding, not mass (see _MIN_TAIL_MASS).
+        teacher_tail = 1.0 - teacher_top.double().sum(-1)
+        teacher_tail = torch.where(teacher_tail > _MIN_TAIL_MASS, teacher_tail, 0.0).float()
+        return student_logprobs, student_top, student_tail, teacher_top, teacher_tail
+
+    def value(self, logits, topk_logprobs, topk_ids):
+        _, student_top, student_tail, teacher_top, teacher_tail = self._parts(logits, topk_logprobs, topk_ids)
+        return -(_where_positive(teacher_top, teacher_top * student_top).sum(-1)
+                 + _where_positive(teacher_tail, teacher_tail * student_tail))
+
+    def grad(self, grad_out, logits, topk_logprobs, topk_ids):
+        student_logprobs, student_top, student_tail, teacher_top, teacher_tail = self._parts(
+            logits, topk_logprobs, topk_ids)
+        # P(b) / Q(b) per token: the tail's for every token, then each top token's own.
+        ratio = _where_positive(teacher_tail, teacher_tail * torch.exp(-student_tail))[:, None].expand_as(
+            student_logprobs)
+        ratio = ratio.scatter(-1, topk_ids, teacher_top * torch.exp(-student_top))
+        return student_logprobs.exp() * (1.0 - ratio) * grad_out[:, None]
+
+
 class _SoftCrossEntropyKernel:
     """``-sum_v p(v) log q(v)`` with the teacher renormalised per row (log-probs or logits)."""
 
@@ -347,6 +381,33 @@ def soft_cross_entropy(
     return _ChunkedLogitsFunction.apply(_SoftCrossEntropyKernel(), chunk_size, student_logits, teacher_logprobs)
 
 
+def soft_cross_entropy_topk(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`soft_cross_entropy` from the teacher's top-K log-probs plus its tail mass: the
+    cross-entropy between the coarsened distributions (each top token, and one tail bucket).
+    Equal to the exact value when K covers the vocabulary.
+
+    Args:
+        student_logits: ``[B, L, V]``.
+        teacher_topk_logprobs: ``[B, L, K]`` normalised teacher log-probs of ``teacher_topk_ids``.
+        teacher_topk_ids: ``[B, L, K]`` distinct token ids per position.
+
+    Returns:
+        ``[B, L]`` float32.
+    """
+    _check_logits("soft_cross_entropy_topk", student_logits)
+    _check_chunk_size("soft_cross_entropy_topk", chunk_size)
+    _check_aligned("soft_cross_entropy_topk", "teacher_topk_logprobs", teacher_topk_logprobs,
+                   (*student_logits.shape[:2], teacher_topk_logprobs.shape[-1]))
+    _check_aligned("soft_cross_entropy_topk", "teacher_topk_ids", teacher_topk_ids, teacher_topk_logprobs.shape)
+    return _ChunkedLogitsFunction.apply(_TopKSoftCrossEntropyKernel(), chunk_size, student_logits,
+                                        teacher_topk_logprobs, teacher_topk_ids.long())
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
@@ -479,28 +540,36 @@ def pt_loss(
     teacher_logprobs: torch.Tensor | None = None,
     kd_ratio: float = 0.5,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``(1 - kd_ratio) CE(next token) + kd_ratio * (-sum_v p(v) log q(v))`` (algorithm.md §4.4).
 
-    Both terms are means over ``labels != -100``; with ``teacher_logprobs=None`` it is the plain
-    LM loss. Also the word-level KD baseline (:func:`kd_loss`).
+    Both terms are means over ``labels != -100``; with no teacher it is the plain LM loss. Also
+    the word-level KD baseline (:func:`kd_loss`).
 
     Args:
         student_logits: ``[B, L, V]``; position ``i`` predicts ``labels[:, i]``.
         labels: ``[B, L]`` long, ``-100`` = ignore.
         teacher_logprobs: ``[B, L, V]`` teacher log-probs or logits at the same positions, or None.
+        teacher_topk: instead of ``teacher_logprobs``, the teacher's top-K ``(log-probs, ids)``,
+            each ``[B, L, K]`` (:func:`soft_cross_entropy_topk`).
 
     Returns:
         ``(loss, stats)``; stats: ``loss``, ``ce``, ``tokens`` and, with a teacher, ``soft_ce``.
     """
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"pt_loss: kd_ratio must be in [0, 1], got {kd_ratio}")
+    if teacher_logprobs is not None and teacher_topk is not None:
+        raise ValueError("pt_loss: pass teacher_logprobs or teacher_topk, not both")
     ce, stats = sft_loss(student_logits, labels, chunk_size)
     stats = {"ce": stats["loss"], "tokens": stats["tokens"]}
-    if teacher_logprobs is None:
+    if teacher_logprobs is None and teacher_topk is None:
         loss = ce
     else:
-        soft_ce = masked_mean(soft_cross_entropy(student_logits, teacher_logprobs, chunk_size), labels != IGNORE_INDEX)
+        per_position = soft_cross_entropy(student_logits, teacher_logprobs, chunk_size) if teacher_topk is None \
+            else soft_cross_entropy_topk(student_logits, *teacher_topk, chunk_size)
+        soft_ce = masked_mean(per_position, labels != IGNORE_INDEX)
         loss = (1.0 - kd_ratio) * ce + kd_ratio * soft_ce
         stats["soft_ce"] = soft_ce.item()
     stats["loss"] = loss.item()

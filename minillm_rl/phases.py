@@ -26,14 +26,20 @@ from minillm_rl.rounds import (
     derived_seed,
     epoch_order,
     mean_stats,
+    permuted_chunk,
     round_prompt_indices,
     split_evenly,
 )
 from minillm_rl.data import TokenizedExample
-from minillm_rl.trainer.minillm import apply_optimizer_step, ppo_round, token_mean_backward
 from minillm_rl.rollout.sampler import SamplingConfig
 from minillm_rl.tracking import atomic_write_text
-from minillm_rl.trainer.minillm import MiniLLMLossConfig
+from minillm_rl.trainer.minillm import (
+    MiniLLMLossConfig,
+    PretrainBatch,
+    apply_optimizer_step,
+    ppo_round,
+    token_mean_backward,
+)
 from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
 
 
@@ -223,6 +229,55 @@ class _RolloutClient:
         return {f"replay/{key}": value for key, value in self.client.replay_stats().items()}
 
 
+class _PretrainFeed:
+    """The PT term's batches (algorithm.md §4.4): optimizer step ``g`` of the phase takes chunk
+    ``g`` (``train.micro_batch_size`` blocks) of the seeded permutations of the corpus blocks, so a
+    resumed run draws the same blocks. When the term mixes in the teacher (``loss.kd_ratio > 0``),
+    rank 0 has the workers score every rank's rows in the ``sampling.teacher_dist`` mode (exact
+    or top-K) and broadcasts them; the next step's scores are requested before this step's are
+    awaited (the teacher is frozen, so they do not depend on the policy version)."""
+
+    def __init__(self, run: TrainingRun, blocks: torch.Tensor):
+        self.run, self.blocks = run, blocks
+        sampling = run.cfg.sampling
+        self.top_k = None if run.cfg.loss.kd_ratio == 0 else (0 if sampling.teacher_dist == "exact"
+                                                              else sampling.teacher_topk)
+        self._requested: dict[int, list] = {}
+
+    def _rank_rows(self, step: int) -> list[list[int]]:
+        run = self.run
+        rows = permuted_chunk(run.cfg.train.seed, "pretrain", step, run.cfg.train.micro_batch_size,
+                              len(self.blocks))
+        return [rows[rank :: run.world_size] for rank in range(run.world_size)]
+
+    def _request(self, step: int) -> list:
+        inputs = [(self.blocks[rows], torch.ones(len(rows), self.blocks.shape[1], dtype=torch.long), self.top_k)
+                  for rows in self._rank_rows(step)]
+        return _shard_refs(self.run, "score_teacher", inputs)
+
+    def _teacher_scores(self, step: int) -> list[tuple] | None:
+        """Rank 0: every rank's teacher scores at the positions that predict a next token."""
+        if not self.run.is_coordinator:
+            return None
+        from minillm_rl.rollout.worker import call_with_timeout
+
+        refs = self._requested.pop(step, None) or self._request(step)
+        self._requested[step + 1] = self._request(step + 1)
+        results = call_with_timeout(refs, self.run.cfg.runtime.rpc_timeout_s, "rollout workers' score_teacher (PT)")
+        if self.top_k == 0:
+            return [(r.logprobs[:, :-1], None, None) for r in results]
+        return [(None, r.topk_logprobs[:, :-1], r.topk_ids[:, :-1]) for r in results]
+
+    def batch(self, step: int) -> PretrainBatch:
+        """This rank's PT batch of phase step ``step`` (every rank calls it: a broadcast)."""
+        run = self.run
+        input_ids = self.blocks[self._rank_rows(step)[run.rank]]
+        if self.top_k is None:
+            return PretrainBatch(input_ids)
+        scores = broadcast_from_coordinator(self._teacher_scores(step), run.rank, run.world_size)[run.rank]
+        return PretrainBatch(input_ids, *scores)
+
+
 def run_minillm(run: TrainingRun, engine) -> None:
     """MiniLLM rounds (algorithm.md §3): generate ``train.num_rollouts`` teacher-mixed rollouts,
     ``train.ppo_epochs`` passes of data-parallel updates, sync the new weights; until
@@ -238,7 +293,9 @@ def run_minillm(run: TrainingRun, engine) -> None:
                          f"{len(run.train_examples)} training prompts: not even one round")
     sampling = _sampling_config(run)
     advantage_cfg = AdvantageConfig(**asdict(cfg.advantage))
-    loss_cfg = MiniLLMLossConfig(cfg.loss.clip_eps, cfg.loss.single_step, cfg.loss.single_step_weighted)
+    loss_cfg = MiniLLMLossConfig(cfg.loss.clip_eps, cfg.loss.single_step, cfg.loss.single_step_weighted,
+                                 cfg.loss.lm_coef, cfg.loss.kd_ratio)
+    pretrain = None if run.pretrain_blocks is None else _PretrainFeed(run, run.pretrain_blocks)
     overlap = cfg.runtime.max_staleness >= 1
     client = _RolloutClient(run, sampling) if run.is_coordinator else None
     engine.eval()  # as the reference: no dropout during MiniLLM updates
@@ -267,9 +324,11 @@ def run_minillm(run: TrainingRun, engine) -> None:
         timings["time/transfer"] = time.perf_counter() - started
         started = time.perf_counter()
         learner_version = progress.policy_version
+        first_step = round_index * steps_per_round
         history = ppo_round(engine, rollout, sampling, advantage_cfg, loss_cfg, train.ppo_epochs,
-                                          train.micro_batch_size // run.world_size,
-                                          torch.Generator().manual_seed(derived_seed(train.seed, "ppo", round_index)))
+                            train.micro_batch_size // run.world_size,
+                            torch.Generator().manual_seed(derived_seed(train.seed, "ppo", round_index)),
+                            pretrain=None if pretrain is None else lambda i: pretrain.batch(first_step + i))
         timings["time/learn"] = time.perf_counter() - started
         steps_before = progress.total_steps
         previous_step = progress.phase_step

@@ -37,16 +37,21 @@ def epoch_order(seed: int, stream: str, epoch: int, size: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
-def round_prompt_indices(seed: int, round_index: int, num_rollouts: int, num_prompts: int) -> list[int]:
-    """Prompt indices of MiniLLM round ``round_index``: positions ``r*N .. (r+1)*N - 1`` of the
-    concatenated per-epoch permutations (a round may straddle two prompt epochs)."""
+def permuted_chunk(seed: int, stream: str, chunk_index: int, chunk_size: int, size: int) -> list[int]:
+    """Positions ``c*n .. (c+1)*n - 1`` (``n = chunk_size``) of the concatenated per-epoch
+    permutations of ``range(size)`` of data ``stream``; a chunk may straddle two epochs."""
     indices, orders = [], {}
-    for position in range(round_index * num_rollouts, (round_index + 1) * num_rollouts):
-        epoch, offset = divmod(position, num_prompts)
+    for position in range(chunk_index * chunk_size, (chunk_index + 1) * chunk_size):
+        epoch, offset = divmod(position, size)
         if epoch not in orders:
-            orders[epoch] = epoch_order(seed, "prompts", epoch, num_prompts)
+            orders[epoch] = epoch_order(seed, stream, epoch, size)
         indices.append(orders[epoch][offset])
     return indices
+
+
+def round_prompt_indices(seed: int, round_index: int, num_rollouts: int, num_prompts: int) -> list[int]:
+    """Prompt indices of MiniLLM round ``round_index``."""
+    return permuted_chunk(seed, "prompts", round_index, num_rollouts, num_prompts)
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

@@ -139,6 +139,22 @@ def test_bad_override_is_one_line_error(override, expected):
         assert message.startswith(f"override {override!r}: ")
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.phases=[sft]"], "data.pretrain_corpus: feeds the minillm phase's PT term only"),
+    (["loss.lm_coef=0"], "data.pretrain_corpus: is set but loss.lm_coef is 0"),
+    (["loss.single_step=false", "sampling.teacher_dist=none"],
+     "sampling.teacher_dist: is 'none' but the PT term mixes in the teacher (loss.kd_ratio > 0)"),
+])
+def test_pt_corpus_settings_that_cannot_work_are_refused(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, REQUIRED + ["data.pretrain_corpus=[corpus.txt]", *overrides])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    # A plain LM term needs no teacher distribution.
+    cfg = load_config(None, REQUIRED + ["data.pretrain_corpus=[corpus.txt]", "loss.single_step=false",
+                                        "sampling.teacher_dist=none", "loss.kd_ratio=0"])
+    assert cfg.data.pretrain_corpus == ["corpus.txt"]
+
+
 def test_unknown_key_in_recipe_names_file_line_and_hint(tmp_path):
     path = write(tmp_path, RECIPE.replace("  top_p: 0.9", "  topp: 0.9"))
     with pytest.raises(ConfigError, match=r"recipe\.yaml:8: unknown key 'sampling\.topp'; "

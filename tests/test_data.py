@@ -487,7 +487,7 @@ def test_prepared_dataset_refusals_are_one_line(tmp_path):
 
 def test_prepare_data_cli_and_pretrain_blocks(tmp_path, capsys):
     from minillm_rl.cli import main
-    from minillm_rl.data.prepared import load_prepared
+    from minillm_rl.data.prepared import load_prepared, load_prepared_pretrain
     from minillm_rl.models import load_tokenizer
 
     source, tokenizer, settings = _prepare_case(tmp_path)
@@ -504,6 +504,8 @@ def test_prepare_data_cli_and_pretrain_blocks(tmp_path, capsys):
     assert "loaded 11 examples" in printed and "malformed_json=1" in printed and "pretrain: 2 blocks of 4" in printed
     reloaded = load_tokenizer(tmp_path / "tok")  # a fresh load fingerprints like the one that prepared
     assert load_prepared(tmp_path / "prepared", reloaded, settings)[0]
-    import datasets
-    blocks = datasets.load_from_disk(str(tmp_path / "prepared" / "data"))["pretrain"]["input_ids"]
-    assert blocks[0] == tokenizer("one two a b", add_special_tokens=False)["input_ids"]
+    blocks = load_prepared_pretrain(tmp_path / "prepared")  # what `train` feeds to the PT term
+    assert blocks.shape == (2, 4) and blocks.dtype == torch.long
+    assert blocks[0].tolist() == tokenizer("one two a b", add_special_tokens=False)["input_ids"]
+    assert main(args[:-4] + ["--skip-bad-records", "--overwrite"]) == 0  # no corpus: no PT blocks
+    assert load_prepared_pretrain(tmp_path / "prepared") is None

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm_rl.advantages import AdvantageConfig
 from minillm_rl.batching import left_pad
 from minillm_rl.learner import _free_port, launcher_env, resolve_ds_config
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.config import OptimConfig
 from minillm_rl.trainer.engine import TorchEngine, lr_factor
-from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
+
+from ds_learner_script import train_rounds  # tests/
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "ds_learner_script.py"
@@ -56,8 +56,13 @@ def learner_data(tmp_path_factory) -> tuple[Path, dict]:
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id=0)
     rollout = sample_rollouts(student, teacher, prompt_ids, prompt_mask, SamplingConfig(**SAMPLING),
                               eos_token_id=EOS, pad_token_id=0, generator=torch.Generator().manual_seed(SEED))
+    # PT corpus: 10 blocks, so the global micro-batches of 8 wrap around it differently each step.
+    pt_blocks = torch.randint(2, 6, (10, 6), generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        pt_teacher_logprobs = torch.log_softmax(teacher(input_ids=pt_blocks).logits[:, :-1].float(), -1)
     data = {"student_config": student.config.to_dict(), "student_state": student.state_dict(),
-            "rollout": rollout, "sampling": SAMPLING, "optim": OPTIM, "ppo_epochs": PPO_EPOCHS, "seed": SEED}
+            "rollout": rollout, "sampling": SAMPLING, "optim": OPTIM, "ppo_epochs": PPO_EPOCHS, "seed": SEED,
+            "pt_blocks": pt_blocks, "pt_teacher_logprobs": pt_teacher_logprobs}
     path = tmp_path_factory.mktemp("learner") / "data.pt"
     torch.save(data, path)
     return path, data
@@ -134,19 +139,16 @@ def test_training_moved_the_weights_and_followed_the_schedule(runs, learner_data
 
 
 def test_deepspeed_equals_the_single_process_torch_engine(runs, learner_data):
-    """Same rollouts, same seeded shuffles, same AdamW and schedule without DeepSpeed: the learner
-    and the single-process loop are one code path."""
+    """Same rollouts and PT batches, same seeded shuffles, same AdamW and schedule without
+    DeepSpeed: the learner and the single-process loop are one code path."""
     torch.set_num_threads(2)
     _, data = learner_data
     student = LlamaForCausalLM(LlamaConfig(**data["student_config"]))
     student.load_state_dict(data["student_state"])
     student.float().eval()
     engine = TorchEngine(student, OptimConfig(**OPTIM))
-    generator = torch.Generator().manual_seed(SEED)
-    history = []
-    for _ in range(ROUNDS):
-        history += ppo_round(engine, data["rollout"], SamplingConfig(**SAMPLING), AdvantageConfig(),
-                             MiniLLMLossConfig(), PPO_EPOCHS, 8, generator)
+    history = train_rounds(engine, {**data, "micro_batch_size": 8}, ROUNDS, torch.Generator().manual_seed(SEED))
+    assert all(step["pt/soft_ce"] > 0 for step in history)
     export = {name: param.detach().clone() for name, param in student.named_parameters()}
     _assert_same_training({"history": history, "export": export}, runs["zero2_1x8"])
 

@@ -33,6 +33,7 @@ from minillm_rl.losses import (
     sft_loss,
     single_step_loss,
     soft_cross_entropy,
+    soft_cross_entropy_topk,
     token_logprobs,
     token_rewards,
     whiten,
@@ -65,6 +66,16 @@ def _grad_of(fn, logits: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Te
     value = fn(logits)
     (value * upstream).sum().backward()
     return value.detach(), logits.grad.detach().clone()
+
+
+def _assert_matches_float64(fn, reference, logits: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """``fn`` (float32) equals float64 autograd ``reference`` in value and in the gradient of
+    ``sum(value * upstream)``; returns ``fn``'s value."""
+    got, got_grad = _grad_of(fn, logits, upstream.float())
+    want, want_grad = _grad_of(reference, logits, upstream)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-5, rtol=1e-5)
+    return got
 
 
 def _upstream(seed: int) -> torch.Tensor:
@@ -139,10 +150,8 @@ def test_reverse_kl_matches_float64_autograd(chunk_size):
     teacher64 = _teacher_logprobs(5)
     teacher = teacher64.float().requires_grad_()
     upstream = _upstream(6)
-    got, got_grad = _grad_of(lambda z: reverse_kl_to_teacher(z, teacher, chunk_size), logits, upstream.float())
-    want, want_grad = _grad_of(lambda z: _exact_reverse_kl64(z, teacher64), logits, upstream)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-5, rtol=1e-5)
+    got = _assert_matches_float64(lambda z: reverse_kl_to_teacher(z, teacher, chunk_size),
+                                  lambda z: _exact_reverse_kl64(z, teacher64), logits, upstream)
     assert teacher.grad is None, "gradient must flow through the student only"
     assert (got >= -1e-6).all()
 
@@ -173,11 +182,8 @@ def test_topk_kl_with_k_equal_v_is_the_exact_kl(chunk_size):
     teacher64 = _teacher_logprobs(10)
     topk_logprobs, topk_ids = torch.topk(teacher64.float(), V, dim=-1)
     upstream = _upstream(11)
-    got, got_grad = _grad_of(lambda z: reverse_kl_to_teacher_topk(z, topk_logprobs, topk_ids, chunk_size),
-                             logits, upstream.float())
-    want, want_grad = _grad_of(lambda z: _exact_reverse_kl64(z, teacher64), logits, upstream)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-5, rtol=1e-5)
+    _assert_matches_float64(lambda z: reverse_kl_to_teacher_topk(z, topk_logprobs, topk_ids, chunk_size),
+                            lambda z: _exact_reverse_kl64(z, teacher64), logits, upstream)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -186,11 +192,8 @@ def test_topk_kl_matches_coarse_reference_and_lower_bounds_exact_kl(k):
     teacher64 = _teacher_logprobs(13)
     topk_logprobs, topk_ids = torch.topk(teacher64.float(), k, dim=-1)
     upstream = _upstream(14)
-    got, got_grad = _grad_of(lambda z: reverse_kl_to_teacher_topk(z, topk_logprobs, topk_ids, chunk_size=7),
-                             logits, upstream.float())
-    want, want_grad = _grad_of(lambda z: _coarse_kl64(z, topk_logprobs, topk_ids), logits, upstream)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-5, rtol=1e-5)
+    got = _assert_matches_float64(lambda z: reverse_kl_to_teacher_topk(z, topk_logprobs, topk_ids, chunk_size=7),
+                                  lambda z: _coarse_kl64(z, topk_logprobs, topk_ids), logits, upstream)
     exact = _exact_reverse_kl64(logits.detach(), teacher64)
     assert (got.double() <= exact + 1e-5).all()
 
@@ -226,13 +229,35 @@ def test_soft_cross_entropy_matches_float64_autograd(chunk_size):
     def reference(z):
         return -(teacher64.exp() * torch.log_softmax(z.double(), -1)).sum(-1)
 
-    got, got_grad = _grad_of(lambda z: soft_cross_entropy(z, teacher64.float(), chunk_size), logits, upstream.float())
-    want, want_grad = _grad_of(reference, logits, upstream)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-5, rtol=1e-5)
+    got = _assert_matches_float64(lambda z: soft_cross_entropy(z, teacher64.float(), chunk_size), reference, logits,
+                                  upstream)
     # Teacher logits (unnormalised) give the same as its log-probs.
     shifted = (teacher64 + 7.0).float()
     torch.testing.assert_close(soft_cross_entropy(logits, shifted, chunk_size), got, atol=1e-5, rtol=1e-5)
+
+
+def _coarse_soft_ce64(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Float64 autograd reference: ``-sum_b P(b) log Q(b)`` over the K top buckets and the tail."""
+    q = torch.log_softmax(logits.double(), -1)
+    q_top = q.gather(-1, topk_ids)
+    q_tail = torch.logsumexp(q.scatter(-1, topk_ids, float("-inf")), -1)
+    p_top = topk_logprobs.double().exp()
+    p_tail = 1.0 - p_top.sum(-1)
+    p_tail = torch.where(p_tail > torch.finfo(torch.float32).eps, p_tail, 0.0)  # below: rounding
+    return -((p_top * q_top).sum(-1) + torch.where(p_tail > 0, p_tail * q_tail, 0.0))
+
+
+@pytest.mark.parametrize("k,chunk_size", [(1, 7), (3, 2), (8, 1000), (V, 11)])
+def test_topk_soft_cross_entropy_matches_float64_coarse_reference(k, chunk_size):
+    logits = _strided_logits(50)
+    teacher64 = _teacher_logprobs(51)
+    topk_logprobs, topk_ids = torch.topk(teacher64.float(), k, dim=-1)
+    upstream = _upstream(52)
+    got = _assert_matches_float64(lambda z: soft_cross_entropy_topk(z, topk_logprobs, topk_ids, chunk_size),
+                                  lambda z: _coarse_soft_ce64(z, topk_logprobs, topk_ids), logits, upstream)
+    if k == V:  # every token its own bucket: the exact soft cross-entropy
+        exact = soft_cross_entropy(logits.detach(), teacher64.float(), chunk_size)
+        torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +297,12 @@ def test_pt_loss_mixes_ce_and_soft_ce_and_kd_loss_is_the_same_formula():
     assert kd.item() == pytest.approx(loss.item(), rel=1e-5)
     plain, _ = pt_loss(logits, labels, None)
     assert plain.item() == pytest.approx(ce.item(), rel=1e-5)
+    # Top-K mode: the same mix with the coarse soft cross-entropy.
+    topk = torch.topk(teacher64.float(), 4, dim=-1)
+    coarse = _coarse_soft_ce64(logits.detach(), topk.values, topk.indices)[valid].mean()
+    topk_loss, topk_stats = pt_loss(logits, labels, kd_ratio=0.3, teacher_topk=(topk.values, topk.indices))
+    assert topk_loss.item() == pytest.approx((0.7 * ce + 0.3 * coarse).item(), rel=1e-5)
+    assert topk_stats["soft_ce"] == pytest.approx(coarse.item(), rel=1e-5)
 
 
 def test_all_ignored_labels_give_zero_loss_with_zero_gradient():

@@ -161,11 +161,13 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
 
 
-@pytest.mark.parametrize("ds_config, max_staleness", [("zero2_fp32_cpu.json", 0), ("zero3_fp32_cpu.json", 1)])
-def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_config, max_staleness):
+@pytest.mark.parametrize("ds_config, max_staleness, pt_corpus", [("zero2_fp32_cpu.json", 0, False),
+                                                                 ("zero3_fp32_cpu.json", 1, True)])
+def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_config, max_staleness, pt_corpus):
     out = tmp_path / "run"
+    pt = (f"data.pretrain_corpus=[{assets['corpus']}]",) if pt_corpus else ()
     result = _train(assets, out, f"runtime.deepspeed_config=ds_configs/{ds_config}",
-                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01")
+                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01", *pt)
     _check_ok(result)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["total_steps"] == SFT_STEPS + 6
@@ -200,14 +202,22 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_
         assert r["rollout_policy_version/max"] <= r["learner_policy_version"]
         if max_staleness == 0:
             assert r["rollout_policy_version/min"] == r["learner_policy_version"]
+    assert all(("pt/soft_ce" in r) == pt_corpus for r in rounds)
     if max_staleness == 1:  # overlapped: rounds after the first were generated one version back
         assert [r["rollout_policy_version/min"] for r in rounds] == [0, 0, 1]
+
+
+def _one_learner(assets) -> tuple[str, ...]:
+    """The settings of the stop/resume runs: one learner, and the PT term on the tiny corpus with
+    top-K teacher scores, so its block order and teacher calls must resume exactly too."""
+    return ("runtime.num_learners=1", "train.optim.lr=0.01", f"data.pretrain_corpus=[{assets['corpus']}]",
+            "sampling.teacher_dist=topk", "sampling.teacher_topk=4")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _check_ok(_train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01"))
+    _check_ok(_train(assets, out, *_one_learner(assets)))
     return out
 
 
@@ -218,13 +228,12 @@ def uninterrupted(assets, tmp_path_factory):
 def test_preempted_run_resumes_to_the_same_weights_and_best(assets, tmp_path, uninterrupted, stop_after,
                                                             expected_tag):
     out = tmp_path / "run"
-    stopped = _train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01",
-                     f"runtime.stop_after_steps={stop_after}")
+    stopped = _train(assets, out, *_one_learner(assets), f"runtime.stop_after_steps={stop_after}")
     _check_ok(stopped, EXIT_PREEMPTED)
     assert (out / "checkpoints" / "latest").read_text().strip() == expected_tag
     assert not (out / "final").exists()
 
-    _check_ok(_train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01", resume="auto"))
+    _check_ok(_train(assets, out, *_one_learner(assets), resume="auto"))
     _assert_resumed_like(out, uninterrupted)
 
 
@@ -239,7 +248,9 @@ def _assert_resumed_like(out: Path, uninterrupted: Path) -> None:
     # step and MiniLLM round was logged exactly once over the two processes.
     records = _metrics(out)
     assert [r["step"] for r in records if r["stage"] == "sft" and "loss" in r] == list(range(1, SFT_STEPS + 1))
-    assert [r["round"] for r in records if "round" in r] == [0, 1, 2]
+    rounds = [r for r in records if "round" in r]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["pt/soft_ce"] > 0 and r["pt/ce"] > 0 for r in rounds)  # the PT term ran, with the teacher
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["total_steps"] == SFT_STEPS + 6 and summary["replay"]["consumed"] == 3 * 8
     assert summary["replay"]["produced"] == summary["replay"]["consumed"]
@@ -264,7 +275,7 @@ def test_signal_stops_with_verified_checkpoints_that_resume_exactly_even_if_the_
     checkpoint at the next step boundary; ``--resume auto`` ends as the uninterrupted run. A copy
     whose newest checkpoint has a flipped byte resumes from the previous one, with one warning."""
     out = tmp_path / "run"
-    args, env = _train_command(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01")
+    args, env = _train_command(assets, out, *_one_learner(assets))
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240  # a hang guard, not a timing assertion
@@ -296,12 +307,12 @@ def test_signal_stops_with_verified_checkpoints_that_resume_exactly_even_if_the_
     data[len(data) // 2] ^= 0xFF
     model_file.write_bytes(bytes(data))
 
-    _check_ok(_train(assets, out, "runtime.num_learners=1", "train.optim.lr=0.01", resume="auto"))
+    _check_ok(_train(assets, out, *_one_learner(assets), resume="auto"))
     _assert_resumed_like(out, uninterrupted)
 
     previous = corrupt / "checkpoints" / tags[1]
     previous_steps = read_manifest_summary(previous)["progress"]["total_steps"]
-    result = _train(assets, corrupt, "runtime.num_learners=1", "train.optim.lr=0.01",
+    result = _train(assets, corrupt, *_one_learner(assets),
                     f"runtime.stop_after_steps={previous_steps + 1}", resume="auto")
     _check_ok(result, EXIT_PREEMPTED)
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]

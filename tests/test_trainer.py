@@ -11,7 +11,13 @@ from minillm_rl.batching import collate_supervised, left_pad
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.config import OptimConfig
 from minillm_rl.trainer.engine import TorchEngine, lr_factor
-from minillm_rl.trainer.minillm import MiniLLMLossConfig, minillm_micro_batch_loss, ppo_round
+from minillm_rl.losses import pt_loss
+from minillm_rl.trainer.minillm import (
+    MiniLLMLossConfig,
+    PretrainBatch,
+    minillm_micro_batch_loss,
+    ppo_round,
+)
 from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
 
 EOS = 1  # the tiny models' eos_token_id (tests/conftest.py)
@@ -59,6 +65,50 @@ def test_minillm_rounds_reduce_the_exact_reverse_kl(tiny_lm):
         kl_after = reverse_kl(student, teacher, prompt, vocab, EOS, horizon).item()
     assert kl_before > 0.5
     assert kl_after < 0.6 * kl_before, (kl_before, kl_after)
+
+
+@pytest.mark.parametrize("teacher_scores", ["exact", "topk", "none"])
+def test_pt_term_adds_lm_coef_times_its_loss_to_the_step_gradient(tiny_lm, teacher_scores):
+    """One PPO step with a PT batch follows the gradient of ``L_pg + L_single + lm_coef * L_pt``,
+    the PT term on the corpus blocks with the teacher's (exact or top-K) distribution, computed
+    here separately with the same losses."""
+    student, teacher = tiny_lm("llama", 32, seed=0, init_std=0.3), tiny_lm("llama", 32, seed=1, init_std=0.3)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13], [4]], pad_token_id=0)
+    sampling = SamplingConfig(alpha=0.2, max_new_tokens=5)
+    rollout = sample_rollouts(student, teacher, prompt_ids, prompt_mask, sampling, eos_token_id=EOS,
+                              pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    blocks = torch.randint(2, 32, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher_logprobs = torch.log_softmax(teacher(input_ids=blocks).logits[:, :-1].float(), -1)
+    topk = torch.topk(teacher_logprobs, 6, dim=-1)
+    batch = {"exact": PretrainBatch(blocks, teacher_logprobs),
+             "topk": PretrainBatch(blocks, None, topk.values, topk.indices),
+             "none": PretrainBatch(blocks)}[teacher_scores]
+    loss_cfg = MiniLLMLossConfig(lm_coef=0.7, kd_ratio=0.4)
+
+    student.zero_grad()
+    loss, _ = minillm_micro_batch_loss(student, rollout, sampling, AdvantageConfig(), loss_cfg)
+    logits = student(input_ids=blocks).logits[:, :-1]
+    teacher_kwargs = {"exact": {"teacher_logprobs": teacher_logprobs},
+                      "topk": {"teacher_topk": (topk.values, topk.indices)}, "none": {}}[teacher_scores]
+    pt_value, _ = pt_loss(logits, blocks[:, 1:], kd_ratio=0.4 if teacher_scores != "none" else 0.0, **teacher_kwargs)
+    (loss + 0.7 * pt_value).backward()
+    want = {name: p.grad.clone() for name, p in student.named_parameters()}
+    want_loss = (loss + 0.7 * pt_value).item()
+    student.zero_grad(set_to_none=True)
+
+    engine = TorchEngine(student, OptimConfig(lr=1e-3, grad_clip=1e9))
+    got, asked = {}, []
+    step = engine.step
+    engine.step = lambda: (got.update({n: p.grad.clone() for n, p in student.named_parameters()}), step())[1]
+    history = ppo_round(engine, rollout, sampling, AdvantageConfig(), loss_cfg, ppo_epochs=1, micro_batch_size=4,
+                        generator=torch.Generator().manual_seed(2), pretrain=lambda i: asked.append(i) or batch)
+    assert asked == [0]
+    assert history[0]["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert history[0]["pt/loss"] == pytest.approx(pt_value.item(), rel=1e-5)
+    assert ("pt/soft_ce" in history[0]) == (teacher_scores != "none")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_sft_fits_the_responses_and_validation_loss_is_token_weighted(tiny_lm):

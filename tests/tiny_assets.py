@@ -56,14 +56,18 @@ def dolly_records(count: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_assets(out: str | Path, num_examples: int = 56) -> dict[str, Path]:
-    """``{"teacher", "student", "data"}`` paths under ``out`` (created)."""
+    """``{"teacher", "student", "data", "corpus"}`` paths under ``out`` (created); ``corpus`` is a
+    plain-text PT corpus of 600 words (7 blocks of the tiny recipe's 80 tokens)."""
     out = Path(out)
     tokenizer = tiny_tokenizer()
-    paths = {"teacher": out / "teacher", "student": out / "student", "data": out / "dolly.jsonl"}
+    paths = {"teacher": out / "teacher", "student": out / "student", "data": out / "dolly.jsonl",
+             "corpus": out / "corpus.txt"}
     for name, layers, seed, std in (("teacher", 2, 0, 0.3), ("student", 1, 1, 0.1)):
         tiny_llama(len(tokenizer), layers, seed, std).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     paths["data"].write_text("".join(json.dumps(r) + "\n" for r in dolly_records(num_examples)))
+    rng = random.Random(1)
+    paths["corpus"].write_text("\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(50)) + "\n")
     return paths
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from minillm_rl.data.instructions import load_instructions, split_validation
 from minillm_rl.data.prepare import TokenizedExample, format_prompt, tokenize_examples
 from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
@@ -168,8 +170,6 @@ def load_prepared(path: str | os.PathLike, tokenizer: Any, expected: Any) -> tup
     """``(train, validation)`` examples of prepared dataset ``path`` for a run whose tokenizer is
     ``tokenizer`` and whose data settings are ``expected`` (anything with the
     :data:`MATCHED_SETTINGS` attributes, e.g. the recipe's ``data`` section)."""
-    import datasets
-
     manifest = read_manifest(path)
     manifest_path = Path(path) / MANIFEST_NAME
     if manifest["tokenizer"].get("fingerprint") != tokenizer_fingerprint(tokenizer):
@@ -181,11 +181,7 @@ def load_prepared(path: str | os.PathLike, tokenizer: Any, expected: Any) -> tup
             raise ValueError(f"{manifest_path}: prepared with {key}={manifest[key]!r} but data.{key}="
                              f"{getattr(expected, key)!r}; expected the same value (set data.{key}="
                              f"{manifest[key]!r} or re-run prepare-data)")
-    try:
-        splits = datasets.load_from_disk(str(Path(path) / DATA_SUBDIR))
-    except Exception as err:  # datasets raises many types for a damaged directory
-        raise ValueError(f"{Path(path) / DATA_SUBDIR}: cannot load ({type(err).__name__}); expected the splits "
-                         "written by `minillm-rl prepare-data`") from None
+    splits = _load_splits(path)
     result = []
     for name in ("train", "validation"):
         if name not in splits or splits[name].num_rows != manifest["counts"][name]["kept"]:
@@ -195,6 +191,30 @@ def load_prepared(path: str | os.PathLike, tokenizer: Any, expected: Any) -> tup
         result.append([TokenizedExample(list(p), list(r), s) for p, r, s in
                        zip(columns["prompt_ids"], columns["response_ids"], columns["source"])])
     return result[0], result[1]
+
+
+def _load_splits(path: str | os.PathLike):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(Path(path) / DATA_SUBDIR))
+    except Exception as err:  # datasets raises many types for a damaged directory
+        raise ValueError(f"{Path(path) / DATA_SUBDIR}: cannot load ({type(err).__name__}); expected the splits "
+                         "written by `minillm-rl prepare-data`") from None
+
+
+def load_prepared_pretrain(path: str | os.PathLike) -> torch.Tensor | None:
+    """The PT corpus blocks ``[num_blocks, block_size]`` of prepared dataset ``path`` (call after
+    :func:`load_prepared`, which checks the manifest against the run), or None without a corpus."""
+    manifest = read_manifest(path)
+    if not manifest["pretrain"]:
+        return None
+    splits = _load_splits(path)
+    expected = manifest["pretrain"]["num_blocks"]
+    if "pretrain" not in splits or splits["pretrain"].num_rows != expected:
+        raise ValueError(f"{Path(path) / DATA_SUBDIR}: split 'pretrain' is missing or its size differs from the "
+                         f"manifest; expected {expected} blocks (re-run prepare-data)")
+    return torch.tensor(splits["pretrain"]["input_ids"], dtype=torch.long)
 
 
 def format_counts(manifest: dict[str, Any]) -> str:

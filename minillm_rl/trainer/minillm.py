@@ -1,8 +1,10 @@
 """One MiniLLM round on the learner side (algorithm.md §3.7 and §4).
 
-``minillm_micro_batch_loss`` is the whole objective for one micro-batch of rollouts;
-``ppo_round`` runs ``ppo_epochs`` shuffled passes of it over a round's rollouts, one optimizer
-step per global micro-batch, after which the caller discards the rollouts and samples afresh.
+``minillm_micro_batch_loss`` is ``L_pg + L_single`` for one micro-batch of rollouts and
+``pretrain_micro_batch_loss`` the PT term on a batch of corpus blocks; ``ppo_round`` runs
+``ppo_epochs`` shuffled passes over a round's rollouts, one optimizer step per global micro-batch
+(with ``lm_coef`` times a PT batch when a corpus is given), after which the caller discards the
+rollouts and samples afresh.
 
 One code path for one process and for data-parallel learners: every rank holds the whole round
 and draws the same seeded global permutation; a global micro-batch of ``W * m`` rows (``W``
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,7 @@ import torch
 from minillm_rl.advantages import AdvantageConfig, compute_advantages, importance_weights, masked_mean
 from minillm_rl.errors import RunFailed
 from minillm_rl.forward import response_logits
-from minillm_rl.losses import minillm_loss
+from minillm_rl.losses import minillm_loss, pt_loss
 from minillm_rl.rollout.sampler import Rollout, SamplingConfig
 
 
@@ -37,6 +39,38 @@ class MiniLLMLossConfig:
     clip_eps: float = 0.2
     single_step: bool = True
     single_step_weighted: bool = False
+    lm_coef: float = 1.0
+    kd_ratio: float = 0.5
+
+
+@dataclass
+class PretrainBatch:
+    """One rank's rows of a PT micro-batch (algorithm.md §4.4): corpus blocks, every token valid,
+    and the teacher's next-token distribution at each position that has a next token.
+
+    ``input_ids``: ``[b, L]``. Teacher (position ``i`` predicts token ``i + 1``; none for a plain
+    LM term): ``teacher_logprobs`` ``[b, L - 1, V]``, or ``teacher_topk_logprobs`` and
+    ``teacher_topk_ids`` ``[b, L - 1, K]``.
+    """
+
+    input_ids: torch.Tensor
+    teacher_logprobs: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
+
+    def to(self, device) -> PretrainBatch:
+        return PretrainBatch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+
+
+def pretrain_micro_batch_loss(model: torch.nn.Module, batch: PretrainBatch,
+                              kd_ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_pt`` on ``batch``: ``(1 - kd_ratio)`` next-token CE ``+ kd_ratio`` soft CE to the teacher
+    (:func:`~minillm_rl.losses.pt_loss`); the plain CE when the batch has no teacher."""
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1]
+    topk = None if batch.teacher_topk_logprobs is None else (batch.teacher_topk_logprobs, batch.teacher_topk_ids)
+    has_teacher = batch.teacher_logprobs is not None or topk is not None
+    return pt_loss(logits, batch.input_ids[:, 1:], batch.teacher_logprobs, kd_ratio if has_teacher else 0.0,
+                   teacher_topk=topk)
 
 
 def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
@@ -121,29 +155,34 @@ def _check_same_round(rollout: Rollout, group: torch.distributed.ProcessGroup | 
 
 
 def token_mean_backward(engine, loss: torch.Tensor, num_tokens: torch.Tensor,
-                        group: torch.distributed.ProcessGroup | None = None) -> tuple[float, float]:
+                        group: torch.distributed.ProcessGroup | None = None,
+                        rank_mean_loss: torch.Tensor | None = None) -> tuple[float, float]:
     """Backward of this rank's token-mean ``loss`` (over ``num_tokens`` valid tokens) scaled so
-    that DeepSpeed's mean over ranks is the token mean over all ranks' tokens.
+    that DeepSpeed's mean over ranks is the token mean over all ranks' tokens, plus
+    ``rank_mean_loss`` unscaled: a term whose plain mean over ranks is its global value (the PT
+    term: every rank has the same number of block tokens).
 
     A non-finite global loss (any rank's) turns every gradient non-finite, so that the engine's
     own overflow check (:func:`apply_optimizer_step`) skips the step on every rank; a loss that
     is non-finite only through a term without gradient would otherwise still update.
 
-    Returns ``(global token-mean loss, global token count)``, the same on every rank.
+    Returns ``(global loss, global token count of loss)``, the same on every rank.
     """
     _, world_size = rank_and_world(group)
     tokens = num_tokens.detach().double()
-    # [valid tokens, token-weighted loss] summed over ranks: the global token mean, and
-    # the scale that turns DeepSpeed's mean over ranks into that token mean.
-    totals = torch.stack([tokens, tokens * loss.detach().double()]).to(getattr(engine, "device", "cpu"))
+    extra = torch.zeros((), dtype=torch.float64) if rank_mean_loss is None else rank_mean_loss.detach().double()
+    # [valid tokens, token-weighted loss, extra term] summed over ranks: the global token mean,
+    # the scale that turns DeepSpeed's mean over ranks into that token mean, the extra's mean.
+    totals = torch.stack([tokens, tokens * loss.detach().double(), extra.cpu()]).to(getattr(engine, "device", "cpu"))
     if world_size > 1:
         torch.distributed.all_reduce(totals, group=group)
     total_tokens = totals[0].clamp(min=1.0)
-    global_loss = (totals[1] / total_tokens).item()
+    global_loss = (totals[1] / total_tokens + totals[2] / world_size).item()
     scale = tokens.to(totals.device) * world_size / total_tokens
     if not math.isfinite(global_loss):
         scale = torch.full_like(scale, math.nan)
-    engine.backward(loss * scale.to(loss.dtype))
+    scaled = loss * scale.to(loss.dtype)
+    engine.backward(scaled if rank_mean_loss is None else scaled + rank_mean_loss)
     return global_loss, totals[0].item()
 
 
@@ -174,6 +213,7 @@ def ppo_round(
     micro_batch_size: int,
     generator: torch.Generator,
     group: torch.distributed.ProcessGroup | None = None,
+    pretrain: Callable[[int], PretrainBatch] | None = None,
 ) -> list[dict[str, float]]:
     """``ppo_epochs`` passes over the round, one optimizer step per global micro-batch.
 
@@ -184,11 +224,15 @@ def ppo_round(
         micro_batch_size: rows per rank per step (``m``); each optimizer step sees ``W * m`` rows.
         generator: seeded identically on every rank (it draws the shared permutation).
         group: the data-parallel group (``None``: the world).
+        pretrain: with a PT corpus, step index within the round -> this rank's PT batch, whose
+            ``loss_cfg.lm_coef * L_pt`` joins that step's loss. Every rank calls it at the same
+            steps (it may run a collective).
 
     Returns:
-        One stats dict per step, in order. ``loss`` is the global micro-batch's token-mean loss
-        and ``nonfinite_skipped`` 1.0 when the step was skipped (both the same on every rank);
-        the other entries describe this rank's rows only.
+        One stats dict per step, in order. ``loss`` is the global micro-batch's loss (token mean
+        of the MiniLLM terms plus ``lm_coef`` x the mean PT term) and ``nonfinite_skipped`` 1.0
+        when the step was skipped (both the same on every rank); the other entries (``pt/...``
+        among them) describe this rank's rows only.
     """
     rank, world_size = rank_and_world(group)
     batch_size = rollout.response_ids.shape[0]
@@ -204,7 +248,13 @@ def ppo_round(
             micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
             lr = engine.get_lr()[0]
             loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
-            global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group)
+            pt_term = None
+            if pretrain is not None:
+                pt_value, pt_stats = pretrain_micro_batch_loss(engine, pretrain(len(history)).to(device),
+                                                               loss_cfg.kd_ratio)
+                pt_term = loss_cfg.lm_coef * pt_value
+                stats.update({f"pt/{name}": value for name, value in pt_stats.items()})
+            global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group, pt_term)
             applied = apply_optimizer_step(engine)
             stats.update({
                 "loss": global_loss,

@@ -11,10 +11,11 @@ Design choices worth knowing:
 - Data order is a pure function of ``(train.seed, stream, epoch)``: SFT batch ``s`` and MiniLLM
   round ``r`` are recomputed from the step counter, so the "data position" in a checkpoint is the
   step itself and every rank agrees without talking.
-- Validation generation (Rouge-L) runs on rank 0, on a plain copy of the student (``eval_model``)
-  loaded from :func:`~minillm_rl.learner.export_student_state`. The same export feeds the weight
-  sync to the workers and the ``best/`` directory, so ZeRO-2 and ZeRO-3 share one path, and the
-  workers keep generating training rollouts while rank 0 evaluates.
+- Rank 0 keeps a plain copy of the student (``eval_model``) loaded from
+  :func:`~minillm_rl.learner.export_student_state`; it feeds the weight sync to the workers, the
+  ``best/`` directory and validation, so ZeRO-2 and ZeRO-3 share one path. Validation generation
+  (Rouge-L) is split over the rollout workers when the run has them (on their GPUs, in parallel),
+  else it runs on rank 0 on that copy; the draws depend on the seed and the number of workers.
 - Rollout shards come back from the workers in arrival order, which is not deterministic; they
   are put in a canonical order (by content) before a round is assembled, so the round, and
   therefore training, is reproducible.
@@ -72,12 +73,18 @@ from minillm_rl.models import (
     save_model_dir,
 )
 from minillm_rl.preemption import PreemptionSignals, children_ignore_sigusr1
+from minillm_rl.rounds import derived_seed, split_evenly
 from minillm_rl.tracking import MetricsLogger, atomic_write_json
 from minillm_rl.weights import state_dict_payload
 
 # Used when runtime.deepspeed_config is not set: ZeRO-2 in fp32, which runs on CPU and GPU.
 DEFAULT_DS_CONFIG = {"gradient_accumulation_steps": 1, "steps_per_print": 10**9, "wall_clock_breakdown": False,
                      "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
+# Worker version tags of weights pushed for validation in supervised phases: above any MiniLLM
+# policy version (one per round), so they never pass for one.
+SUPERVISED_EVAL_VERSION_BASE = 2**40
+
+
 class Preempted(Exception):
     """A preemption signal or ``runtime.stop_after_steps``: a checkpoint was written, the run stops."""
 
@@ -307,18 +314,39 @@ class TrainingRun:
                                  f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
         self.exported_version = self.progress.policy_version
 
+    def _eval_on_workers(self) -> bool:
+        return bool(self.workers) and self.cfg.runtime.eval_on_workers
+
     def validation_protocol(self) -> str:
         s = self.cfg.sampling
+        where = f"split over {len(self.workers)} rollout workers" if self._eval_on_workers() else "on rank 0"
         return (f"validation: {len(self.valid_examples)} held-out prompts, one sample each at temperature "
                 f"{s.temperature}, top_k {s.top_k}, top_p {s.top_p}, max_new_tokens {s.max_new_tokens}, "
-                f"seed {self.cfg.train.seed}")
+                f"seed {self.cfg.train.seed}, {where}")
+
+    def _generate_on_workers(self, eval_cfg: EvalConfig, prompt_id_lists: list[list[int]], seed: int) -> list[str]:
+        """Validation texts from the rollout workers, which get ``eval_model``'s weights first. The
+        version tag: the MiniLLM policy version (the next round's sync then has nothing to send);
+        in supervised phases one no policy version can equal, so MiniLLM's first sync replaces it."""
+        from minillm_rl.rollout.client import generate_texts_on_workers
+
+        progress, runtime = self.progress, self.cfg.runtime
+        version = progress.policy_version if self.phase_name() == "minillm" \
+            else SUPERVISED_EVAL_VERSION_BASE + progress.total_steps
+        shards = split_evenly(prompt_id_lists, len(self.workers))
+        seeds = [derived_seed(seed, "validation", i) for i in range(len(shards))]
+        texts = generate_texts_on_workers(self.workers, shards, seeds, eval_cfg, self.eval_model, version,
+                                          runtime.rpc_timeout_s, runtime.weight_sync_timeout_s)
+        return [text for shard in texts for text in shard]
 
     def validation_rouge(self) -> float:
-        """Rouge-L of ``eval_model`` on the validation set (rank 0)."""
+        """Rouge-L of ``eval_model``'s weights on the validation set (rank 0, or the workers)."""
         s = self.cfg.sampling
         eval_cfg = EvalConfig.validation(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                          max_new_tokens=s.max_new_tokens, seed=self.cfg.train.seed)
-        return evaluate(self.eval_model, self.tokenizer, self.valid_examples, self.references, eval_cfg).rouge_l
+        generate = functools.partial(self._generate_on_workers, eval_cfg) if self._eval_on_workers() else None
+        return evaluate(self.eval_model, self.tokenizer, self.valid_examples, self.references, eval_cfg,
+                        generate=generate).rouge_l
 
     def select(self, engine, validation_loss: float | None = None) -> dict[str, float]:
         """Validation of the current weights: Rouge-L (rank 0) and, for SFT, the given loss; keeps

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -165,9 +165,11 @@ def _mean(values: list[float]) -> float:
 
 
 def evaluate(model, tokenizer, examples: Sequence[TokenizedExample],
-             references: Sequence[Sequence[str]], cfg: EvalConfig) -> EvalResult:
+             references: Sequence[Sequence[str]], cfg: EvalConfig,
+             generate: Callable[[list[list[int]], int], list[str]] | None = None) -> EvalResult:
     """Generate for every example under each seed of ``cfg`` and score against ``references``
-    (one non-empty list of reference strings per example)."""
+    (one non-empty list of reference strings per example). ``generate(prompt id lists, seed)``
+    replaces :func:`generate_responses` on ``model`` (e.g. generation on the rollout workers)."""
     if len(references) != len(examples):
         raise ValueError(f"{len(examples)} examples but {len(references)} reference lists; "
                          "expected one list of reference strings per example")
@@ -175,7 +177,8 @@ def evaluate(model, tokenizer, examples: Sequence[TokenizedExample],
     rouge_per_seed, exact_per_seed = [], []
     first_predictions: list[str] = []
     for seed in cfg.seeds:
-        predictions = generate_responses(model, tokenizer, prompt_id_lists, cfg, seed)
+        predictions = generate(prompt_id_lists, seed) if generate is not None \
+            else generate_responses(model, tokenizer, prompt_id_lists, cfg, seed)
         rouge_per_seed.append(_mean(rouge_l_scores(predictions, references)))
         exact_per_seed.append(_mean(exact_match_scores(predictions, references)))
         if not first_predictions:

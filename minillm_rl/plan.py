@@ -342,9 +342,9 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
     notes = []
     ranks_per_node = max([sum(1 for h, _ in learners if h == host) for host, _ in cluster.hosts] + [1])
     memory["learner_load_cpu_bytes_per_node"] = ranks_per_node * student.num_params * 4
-    if student.num_params > 3e9:
-        notes.append("validation generation runs on rank 0's CPU copy of the student (coordinator eval_model): "
-                     "slow at this size; keep data.num_validation small or train.eval_interval large")
+    if student.num_params > 3e9 and not (uses_teacher and runtime.eval_on_workers):
+        notes.append("validation generation runs on rank 0's CPU copy of the student (no rollout workers in this "
+                     "stage): slow at this size; keep data.num_validation small or train.eval_interval large")
     if uses_teacher:
         teacher = stats_of(cfg.model.teacher)
         batch = math.ceil(cfg.train.num_rollouts / num_workers)
@@ -458,7 +458,8 @@ def render_text(plan: dict[str, Any]) -> str:
                              f"{worker['seq_len']} tokens): {_gib(worker['bytes']['total'])} = {parts}")
             lines.append(f"  host RAM at start-up: every learner rank loads the student in fp32 before DeepSpeed "
                          f"partitions it: {_gib(memory['learner_load_cpu_bytes_per_node'])} per node")
-            lines.append(f"  rank 0 CPU copy of the student for validation: {_gib(memory['rank0_eval_copy_cpu_bytes'])}")
+            lines.append("  rank 0 CPU copy of the student (weight sync, best/, validation): "
+                         f"{_gib(memory['rank0_eval_copy_cpu_bytes'])}")
             lines.extend(f"  note: {note}" for note in stage["notes"])
         lines.append("  commands:")
         lines.extend(f"    [{command['host']}] {command_text(command)}" for command in stage["commands"])

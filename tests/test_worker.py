@@ -24,10 +24,12 @@ from minillm_rl.evaluation import EvalConfig, generate_responses
 from minillm_rl.models import load_causal_lm, load_tokenizer
 from minillm_rl.replay import make_replay_store_actor, take_blocking
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.rollout.client import generate_texts_on_workers
 from minillm_rl.rollout.worker import (
     LAUNCHER_ENV_VARS,
     UNSYNCED_VERSION,
     RolloutWorker,
+    StaleWeights,
     broadcast_student_weights,
     call_with_timeout,
     make_rollout_worker,
@@ -309,6 +311,23 @@ def test_eval_generation_and_teacher_scores_match_local(worker, local_models, mo
     assert top.logprobs is None and top.topk_logprobs.shape == (2, 5, 4)
     torch.testing.assert_close(top.topk_logprobs, full.logprobs.topk(4, dim=-1).values, rtol=0, atol=0)
     assert torch.equal(full.logprobs.gather(-1, top.topk_ids), top.topk_logprobs)
+
+
+def test_validation_on_workers_equals_local_generation_also_after_a_restart(worker, local_models, model_dirs):
+    """The coordinator's validation path: weights pushed, shards generated with their seeds; a
+    worker killed before the call comes back with the saved weights and is re-synced first."""
+    _, student = local_models
+    cfg = EvalConfig.validation(max_new_tokens=6, batch_size=3, seed=4)
+    tokenizer = load_tokenizer(model_dirs[1])
+    shards, seeds = [PROMPTS[:2], PROMPTS[2:]], [4, 5]
+    expected = [generate_responses(student, tokenizer, shard, cfg, seed) for shard, seed in zip(shards, seeds)]
+    assert generate_texts_on_workers([worker], shards, seeds, cfg, student, 12, TIMEOUT_S, TIMEOUT_S) == expected
+    assert get(worker.policy_version.remote()) == 12
+    os.kill(get(worker.process_info.remote())["pid"], signal.SIGKILL)
+    assert generate_texts_on_workers([worker], shards, seeds, cfg, student, 12, TIMEOUT_S, TIMEOUT_S) == expected
+    assert get(worker.policy_version.remote()) == 12
+    with pytest.raises(StaleWeights, match="generate_for_eval asked for policy version 13"):
+        get(worker.generate_for_eval.remote(PROMPTS, cfg, 4, 13))
 
 
 def test_killed_worker_restarts_unsynced_and_works_after_resync(worker, local_models):

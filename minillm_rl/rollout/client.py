@@ -2,6 +2,7 @@
 
 :class:`RolloutClient` talks to the rollout worker actors and the replay store actor; it knows
 nothing about the training run (the coordinator passes the shards, seeds and a weights source).
+:func:`generate_texts_on_workers` runs the coordinator's validation generation on the same workers.
 
 What it survives, and how:
 
@@ -39,7 +40,12 @@ from typing import Any
 from minillm_rl.errors import RunFailed
 from minillm_rl.replay import COUNTERS, ReplayItem
 from minillm_rl.rollout.sampler import SamplingConfig
-from minillm_rl.rollout.worker import ActorDied, broadcast_student_weights, call_with_timeout
+from minillm_rl.rollout.worker import (
+    ActorDied,
+    StaleWeights,
+    broadcast_student_weights,
+    call_with_timeout,
+)
 
 # Between polls of an actor that Ray is restarting.
 _RESTART_POLL_S = 0.2
@@ -61,6 +67,67 @@ class _Shard:
     @property
     def key(self) -> tuple[int, int]:
         return (self.round_index, self.index)
+
+
+def wait_for_restart(call: Callable[[], Any], what: str, timeout_s: float) -> Any:
+    """``call()``, retried while the actor it talks to is dead and being restarted."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except (ActorDied, ray.exceptions.RayActorError):
+            if time.monotonic() + _RESTART_POLL_S > deadline:
+                raise RunFailed(f"{what}: the actor did not come back within {timeout_s:g} s") from None
+            time.sleep(_RESTART_POLL_S)
+
+
+def sync_workers(workers: Sequence[Any], names: Sequence[str], model: Any, version: int, rpc_timeout_s: float,
+                 weight_sync_timeout_s: float) -> None:
+    """Bring ``workers`` to weights ``model`` tagged ``version``; only those holding another
+    version (after an update, or a restart) get the weights."""
+    versions = [wait_for_restart(lambda w=worker, n=name: call_with_timeout(
+        w.policy_version.remote(), rpc_timeout_s, f"{n}.policy_version"), name, rpc_timeout_s)
+        for worker, name in zip(workers, names)]
+    behind = [i for i, held in enumerate(versions) if held != version]
+    if behind:
+        broadcast_student_weights([workers[i] for i in behind], model, version, weight_sync_timeout_s,
+                                  names=[names[i] for i in behind])
+
+
+def generate_texts_on_workers(workers: Sequence[Any], shards: Sequence[list[list[int]]], seeds: Sequence[int],
+                              eval_cfg: Any, model: Any, version: int, rpc_timeout_s: float,
+                              weight_sync_timeout_s: float, names: Sequence[str] | None = None,
+                              max_relaunches: int = 3) -> list[list[str]]:
+    """Validation generation on the rollout workers: shard ``i`` (prompt id lists) is sampled by
+    worker ``i % len(workers)`` with ``seeds[i]`` (``evaluation.generate_responses``) from weights
+    ``model``, pushed first as ``version`` to the workers not holding it. A worker that dies is
+    re-synced and runs its shard again with the same seed (at most ``max_relaunches`` times).
+
+    Returns:
+        The texts of each shard, in shard order.
+    """
+    import ray
+
+    names = list(names) if names is not None else [f"rollout-worker-{i}" for i in range(len(workers))]
+    sync_workers(workers, names, model, version, rpc_timeout_s, weight_sync_timeout_s)
+    texts: list[list[str]] = []
+    for index, (prompts, seed) in enumerate(zip(shards, seeds)):
+        worker = index % len(workers)
+        texts.append([])
+        for attempt in range(max_relaunches + 1):
+            ref = workers[worker].generate_for_eval.options(max_task_retries=0).remote(prompts, eval_cfg, seed,
+                                                                                      version)
+            try:
+                texts[-1] = call_with_timeout(ref, rpc_timeout_s, f"{names[worker]}.generate_for_eval(shard {index})")
+                break
+            except (ActorDied, ray.exceptions.RayActorError, StaleWeights) as err:  # died, maybe restarted
+                if attempt == max_relaunches:
+                    raise RunFailed(f"{names[worker]}.generate_for_eval(shard {index}) failed {attempt + 1} times; "
+                                    f"last: {err}") from None
+                sync_workers([workers[worker]], [names[worker]], model, version, rpc_timeout_s, weight_sync_timeout_s)
+    return texts
 
 
 def _counters_only(state: dict[str, Any]) -> dict[str, int]:
@@ -108,19 +175,6 @@ class RolloutClient:
     def _store_call(self, method: str, *args: Any) -> Any:
         return call_with_timeout(getattr(self.store, method).remote(*args), self.rpc_timeout_s, f"replay store.{method}")
 
-    def _after_restart(self, call: Callable[[], Any], what: str) -> Any:
-        """``call()``, retried while the actor it talks to is dead and being restarted."""
-        import ray
-
-        deadline = time.monotonic() + self.rpc_timeout_s
-        while True:
-            try:
-                return call()
-            except (ActorDied, ray.exceptions.RayActorError):
-                if time.monotonic() + _RESTART_POLL_S > deadline:
-                    raise RunFailed(f"{what}: the actor did not come back within {self.rpc_timeout_s:g} s") from None
-                time.sleep(_RESTART_POLL_S)
-
     def _take_mirror(self) -> None:
         self._mirror = _counters_only(self._store_call("state_dict"))
         self._stored.clear()
@@ -133,13 +187,8 @@ class RolloutClient:
         another version (after an update, or a restart) get the weights."""
         indices = range(len(self.workers)) if indices is None else indices
         model, version = self.current_weights()
-        versions = [self._after_restart(
-            lambda i=i: call_with_timeout(self.workers[i].policy_version.remote(), self.rpc_timeout_s,
-                                          f"{self.names[i]}.policy_version"), self.names[i]) for i in indices]
-        behind = [i for i, held in zip(indices, versions) if held != version]
-        if behind:
-            broadcast_student_weights([self.workers[i] for i in behind], model, version, self.weight_sync_timeout_s,
-                                      names=[self.names[i] for i in behind])
+        sync_workers([self.workers[i] for i in indices], [self.names[i] for i in indices], model, version,
+                     self.rpc_timeout_s, self.weight_sync_timeout_s)
 
     # ---- rounds -------------------------------------------------------------------------------
 
@@ -200,7 +249,7 @@ class RolloutClient:
 
     def _reconcile_store(self) -> bool:
         """Restore a restarted store and re-launch the shards it lost; whether anything was lost."""
-        inventory = self._after_restart(lambda: self._store_call("inventory"), "replay store")
+        inventory = wait_for_restart(lambda: self._store_call("inventory"), "replay store", self.rpc_timeout_s)
         restarted = inventory["instance_id"] != self._store_id
         held = set(map(tuple, inventory["keys"]))
         lost_keys = [key for key in self._stored if key not in held]

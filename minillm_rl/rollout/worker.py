@@ -47,6 +47,10 @@ class ActorDied(RunFailed):
     """An actor call failed because the actor's process died (Ray may be restarting it)."""
 
 
+class StaleWeights(ValueError):
+    """A call asked for a weight version the worker does not hold (e.g. it was restarted)."""
+
+
 @dataclass
 class TeacherScores:
     """Teacher log-probs (temperature 1, full vocabulary) for a plain-text batch.
@@ -165,7 +169,7 @@ class RolloutWorker:
 
     def _check_version(self, expected: int, call: str) -> None:
         if self._policy_version != expected:
-            raise ValueError(f"{self.name}: {call} asked for policy version {expected}, but the student is at "
+            raise StaleWeights(f"{self.name}: {call} asked for policy version {expected}, but the student is at "
                              f"version {self._policy_version}; sync weights first")
 
     def generate(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig, seed: int,
@@ -222,8 +226,11 @@ class RolloutWorker:
                              ids.masked_fill_(padding[..., None], 0).cpu())
 
     def generate_for_eval(self, prompt_id_lists: Sequence[Sequence[int]], eval_cfg: EvalConfig,
-                          seed: int) -> list[str]:
-        """Sampled student responses as strings (``evaluation.generate_responses``)."""
+                          seed: int, policy_version_expected: int | None = None) -> list[str]:
+        """Sampled student responses as strings (``evaluation.generate_responses``), from the
+        weights of version ``policy_version_expected`` when given (else whatever it holds)."""
+        if policy_version_expected is not None:
+            self._check_version(policy_version_expected, "generate_for_eval")
         if self.tokenizer is None:
             raise ValueError(f"{self.name}: generate_for_eval needs a tokenizer; create the worker with tokenizer_spec")
         return generate_responses(self.student, self.tokenizer, prompt_id_lists, eval_cfg, seed)

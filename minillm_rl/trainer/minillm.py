@@ -59,7 +59,8 @@ class PretrainBatch:
     teacher_topk_ids: torch.Tensor | None = None
 
     def to(self, device) -> PretrainBatch:
-        return PretrainBatch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+        return PretrainBatch(**{name: None if value is None else value.to(device)
+                                for name, value in vars(self).items()})
 
 
 def pretrain_micro_batch_loss(model: torch.nn.Module, batch: PretrainBatch,

@@ -75,10 +75,12 @@ def _rank_batch(run: TrainingRun, examples, global_rows: list[int], rank: int) -
     return collate_supervised([e.prompt_ids for e in mine], [e.response_ids for e in mine], run.pad_token_id)
 
 
-def _shard_refs(run: TrainingRun, method: str, argument_lists: list[tuple]) -> list:
-    """Call ``method`` on the workers round-robin, one call per argument tuple (rank 0)."""
-    workers = run.workers
-    return [getattr(workers[i % len(workers)], method).remote(*args) for i, args in enumerate(argument_lists)]
+def _worker_calls(run: TrainingRun, method: str, argument_lists: list[tuple], what: str):
+    """``method`` on the workers round-robin, one call per argument tuple, re-made on a restarted
+    worker (rank 0; :class:`~minillm_rl.rollout.client.WorkerCalls`)."""
+    from minillm_rl.rollout.client import WorkerCalls
+
+    return WorkerCalls(run.workers, method, argument_lists, run.cfg.runtime.rpc_timeout_s, what)
 
 
 def teacher_response_examples(run: TrainingRun) -> list[TokenizedExample]:
@@ -88,17 +90,13 @@ def teacher_response_examples(run: TrainingRun) -> list[TokenizedExample]:
     and writes them to ``seqkd_targets.jsonl``; every rank gets them by broadcast."""
     responses = None
     if run.is_coordinator:
-        from minillm_rl.rollout.worker import call_with_timeout
-
-        timeout = run.cfg.runtime.rpc_timeout_s
         sampling = dataclasses.replace(_sampling_config(run), alpha=1.0, teacher_dist="none")
         shards = split_evenly([e.prompt_ids for e in run.train_examples], len(run.workers))
-        # The student copy is never used at alpha = 1; pass whatever version each worker holds.
-        versions = call_with_timeout([w.policy_version.remote() for w in run.workers], timeout, "policy_version")
-        refs = _shard_refs(run, "generate", [(shard, sampling, derived_seed(run.cfg.train.seed, "seqkd", i),
-                                              versions[i % len(versions)]) for i, shard in enumerate(shards)])
+        calls = _worker_calls(run, "generate_from_teacher", [
+            (shard, sampling, derived_seed(run.cfg.train.seed, "seqkd", i)) for i, shard in enumerate(shards)],
+            "teacher generation (seqkd)")
         responses = []
-        for rollout in call_with_timeout(refs, timeout, "rollout workers' teacher generation (seqkd)"):
+        for rollout in calls.results():
             for ids, mask in zip(rollout.response_ids, rollout.response_mask):
                 responses.append(ids[mask > 0].tolist())
         atomic_write_text(run.out / "seqkd_targets.jsonl", "".join(
@@ -114,13 +112,10 @@ def _teacher_logprobs(run: TrainingRun, examples, global_rows: list[int]) -> tor
     at the response positions, scored by the workers for every rank's batch (rank 0)."""
     scores = None
     if run.is_coordinator:
-        from minillm_rl.rollout.worker import call_with_timeout
-
         batches = [_rank_batch(run, examples, global_rows, rank) for rank in range(run.world_size)]
         inputs = [(torch.cat([b.prompt_ids, b.response_ids], 1),
                    torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0) for b in batches]
-        results = call_with_timeout(_shard_refs(run, "score_teacher", inputs), run.cfg.runtime.rpc_timeout_s,
-                                    "rollout workers' score_teacher (kd)")
+        results = _worker_calls(run, "score_teacher", inputs, "kd").results()
         # Position i predicts token i + 1: the response tokens are predicted from P - 1 .. P + T - 2.
         scores = [r.logprobs[:, b.prompt_ids.shape[1] - 1 : -1] for r, b in zip(results, batches)]
     return broadcast_from_coordinator(scores, run.rank, run.world_size)[run.rank]
@@ -242,7 +237,7 @@ class _PretrainFeed:
         sampling = run.cfg.sampling
         self.top_k = None if run.cfg.loss.kd_ratio == 0 else (0 if sampling.teacher_dist == "exact"
                                                               else sampling.teacher_topk)
-        self._requested: dict[int, list] = {}
+        self._requested: dict = {}  # step -> WorkerCalls
 
     def _rank_rows(self, step: int) -> list[list[int]]:
         run = self.run
@@ -250,20 +245,18 @@ class _PretrainFeed:
                               len(self.blocks))
         return [rows[rank :: run.world_size] for rank in range(run.world_size)]
 
-    def _request(self, step: int) -> list:
+    def _request(self, step: int):
         inputs = [(self.blocks[rows], torch.ones(len(rows), self.blocks.shape[1], dtype=torch.long), self.top_k)
                   for rows in self._rank_rows(step)]
-        return _shard_refs(self.run, "score_teacher", inputs)
+        return _worker_calls(self.run, "score_teacher", inputs, "PT")
 
     def _teacher_scores(self, step: int) -> list[tuple] | None:
         """Rank 0: every rank's teacher scores at the positions that predict a next token."""
         if not self.run.is_coordinator:
             return None
-        from minillm_rl.rollout.worker import call_with_timeout
-
-        refs = self._requested.pop(step, None) or self._request(step)
+        calls = self._requested.pop(step, None) or self._request(step)
         self._requested[step + 1] = self._request(step + 1)
-        results = call_with_timeout(refs, self.run.cfg.runtime.rpc_timeout_s, "rollout workers' score_teacher (PT)")
+        results = calls.results()
         if self.top_k == 0:
             return [(r.logprobs[:, :-1], None, None) for r in results]
         return [(None, r.topk_logprobs[:, :-1], r.topk_ids[:, :-1]) for r in results]

@@ -29,7 +29,7 @@ import torch
 
 from minillm_rl.rounds import canonical_order, concat_rollouts
 from minillm_rl.replay import make_replay_store_actor
-from minillm_rl.rollout.client import RolloutClient
+from minillm_rl.rollout.client import RolloutClient, WorkerCalls
 from minillm_rl.rollout.sampler import SamplingConfig
 from minillm_rl.rollout.worker import call_with_timeout, make_rollout_worker
 
@@ -167,6 +167,32 @@ def test_worker_killed_after_its_put_is_not_counted_twice(workers, learner_stude
     assert (stats["produced"], stats["consumed"], stats["in_store_samples"]) == (8, 8, 0)
     assert _balanced(stats)
     ray.kill(store)
+
+
+def test_teacher_calls_on_a_killed_worker_are_made_again(workers):
+    """KD/PT teacher scoring and SeqKD teacher sampling (``WorkerCalls``): calls queued on a
+    worker that is killed are made again on the restarted actor, with the undisturbed results."""
+    input_ids = torch.tensor([row[:2] for row in PROMPTS])
+    scoring = [(input_ids, torch.ones_like(input_ids), top_k) for top_k in (0, 3, 0, 3)]
+    teacher_sampling = dataclasses.replace(SAMPLING, alpha=1.0, teacher_dist="none")
+    sampling_args = [(SHARDS[0], teacher_sampling, 5), (SHARDS[1], teacher_sampling, 6)]
+    reference_scores = WorkerCalls(workers, "score_teacher", scoring, TIMEOUT_S, "test").results()
+    reference_samples = WorkerCalls(workers, "generate_from_teacher", sampling_args, TIMEOUT_S, "test").results()
+
+    pid = _pid(workers[1])
+    version = call_with_timeout(workers[1].policy_version.remote(), TIMEOUT_S, "policy_version")
+    workers[1].generate.remote(PROMPTS, SAMPLING, 0, version)  # about a second: the calls below queue behind it
+    scores = WorkerCalls(workers, "score_teacher", scoring, TIMEOUT_S, "test")
+    samples = WorkerCalls(workers, "generate_from_teacher", sampling_args, TIMEOUT_S, "test")
+    os.kill(pid, signal.SIGKILL)
+    got_scores, got_samples = scores.results(), samples.results()
+    assert _pid(workers[1]) != pid and scores.relaunches + samples.relaunches >= 1
+    for got, expected in zip(got_scores, reference_scores):
+        for field in ("logprobs", "topk_logprobs"):
+            if getattr(expected, field) is not None:
+                torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(got_samples, reference_samples):
+        assert torch.equal(got.response_ids, expected.response_ids)
 
 
 @pytest.mark.parametrize("when", ["take", "put"])

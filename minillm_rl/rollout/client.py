@@ -96,6 +96,43 @@ def sync_workers(workers: Sequence[Any], names: Sequence[str], model: Any, versi
                                   names=[names[i] for i in behind])
 
 
+class WorkerCalls:
+    """``method(*arguments)`` on the workers, call ``i`` on worker ``i % len(workers)``, submitted
+    now and collected by :meth:`results`. For calls whose result depends only on their arguments
+    and the frozen teacher (teacher scoring, teacher sampling): a call whose worker died is made
+    again on the restarted actor, at most ``max_relaunches`` times per call."""
+
+    def __init__(self, workers: Sequence[Any], method: str, argument_lists: Sequence[tuple], timeout_s: float,
+                 what: str, names: Sequence[str] | None = None, max_relaunches: int = 3):
+        self.workers, self.method, self.argument_lists = list(workers), method, list(argument_lists)
+        self.timeout_s, self.what, self.max_relaunches = timeout_s, what, max_relaunches
+        self.names = list(names) if names is not None else [f"rollout-worker-{i}" for i in range(len(self.workers))]
+        self.relaunches = 0
+        self._refs = [self._submit(i) for i in range(len(self.argument_lists))]
+
+    def _submit(self, index: int) -> Any:
+        actor_method = getattr(self.workers[index % len(self.workers)], self.method)
+        return actor_method.options(max_task_retries=0).remote(*self.argument_lists[index])
+
+    def results(self) -> list[Any]:
+        """Every call's result, in call order."""
+        import ray
+
+        results = []
+        for index, ref in enumerate(self._refs):
+            name = f"{self.names[index % len(self.workers)]}.{self.method} ({self.what}, call {index})"
+            for attempt in range(self.max_relaunches + 1):
+                try:
+                    results.append(call_with_timeout(ref, self.timeout_s, name))
+                    break
+                except (ActorDied, ray.exceptions.RayActorError) as err:
+                    if attempt == self.max_relaunches:
+                        raise RunFailed(f"{name} failed {attempt + 1} times; last: {err}") from None
+                    self.relaunches += 1
+                    ref = self._submit(index)
+        return results
+
+
 def generate_texts_on_workers(workers: Sequence[Any], shards: Sequence[list[list[int]]], seeds: Sequence[int],
                               eval_cfg: Any, model: Any, version: int, rpc_timeout_s: float,
                               weight_sync_timeout_s: float, names: Sequence[str] | None = None,

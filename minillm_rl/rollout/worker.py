@@ -190,6 +190,14 @@ class RolloutWorker:
             self.eos_token_id, self.pad_token_id, generator=generator, policy_version=self._policy_version,
         ).to("cpu")
 
+    def generate_from_teacher(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig,
+                              seed: int) -> Rollout:
+        """Teacher samples (``alpha = 1``, e.g. SeqKD targets): :meth:`generate` without the
+        student's version check, since no student weight is involved."""
+        if sampling_cfg.alpha != 1.0:
+            raise ValueError(f"{self.name}: generate_from_teacher needs sampling alpha = 1, got {sampling_cfg.alpha}")
+        return self.generate(prompt_id_lists, sampling_cfg, seed, self._policy_version)
+
     def generate_into(self, replay_store: Any, prompt_id_lists: Sequence[Sequence[int]],
                       sampling_cfg: SamplingConfig, seed: int, policy_version_expected: int,
                       put_timeout_s: float = 600.0, key: Any = None) -> int:

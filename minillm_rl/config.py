@@ -186,7 +186,7 @@ class RuntimeConfig:
     # GPUs each rollout worker actor asks Ray for (teacher + student copy on them); 0 = CPU actors.
     worker_gpus: int = _bounded(0, low=0)
     # Validation generation on the rollout workers (split over them) when the run has workers
-    # (phases kd, seqkd, minillm); false, or an SFT-only run: rank 0 on its CPU copy of the student.
+    # (phases kd, seqkd, minillm); false, or an SFT-only run: split over the learner ranks.
     eval_on_workers: bool = True
     rpc_timeout_s: float = _bounded(600.0, low=0.0, low_open=True)
     collective_timeout_s: float = _bounded(1800.0, low=0.0, low_open=True)

@@ -103,13 +103,14 @@ def _until_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompt_id_lists: Sequence[Sequence[int]],
-                       cfg: EvalConfig, seed: int) -> list[str]:
+                       cfg: EvalConfig, seed: int, synced_gpus: bool = False) -> list[str]:
     """Sampled responses, one string per prompt, in the input order.
 
     Prompts are batched by length (less padding) and left-padded with an explicit attention mask;
     ``generate`` derives position ids from that mask. Only the new tokens up to the first EOS are
     decoded. The draws depend only on ``seed`` (and the prompts, ``cfg``); the caller's global RNG
-    state is left as it was.
+    state is left as it was. ``synced_gpus``: ZeRO-3 (every forward is collective): each rank
+    must pass as many prompts, and keeps stepping until every rank's batch is done.
     """
     if any(len(ids) == 0 for ids in prompt_id_lists):
         empty = next(i for i, ids in enumerate(prompt_id_lists) if len(ids) == 0)
@@ -126,7 +127,7 @@ def generate_responses(model, tokenizer, prompt_id_lists: Sequence[Sequence[int]
             prompt_ids, prompt_mask = left_pad([prompt_id_lists[i] for i in batch_rows], pad_token_id)
             output_ids = model.generate(
                 input_ids=prompt_ids.to(model.device), attention_mask=prompt_mask.to(model.device),
-                generation_config=generation_config,
+                generation_config=generation_config, synced_gpus=synced_gpus,
             )
             new_token_ids = output_ids[:, prompt_ids.shape[1]:].tolist()
             for row, token_ids in zip(batch_rows, new_token_ids):

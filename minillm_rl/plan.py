@@ -342,9 +342,6 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
     notes = []
     ranks_per_node = max([sum(1 for h, _ in learners if h == host) for host, _ in cluster.hosts] + [1])
     memory["learner_load_cpu_bytes_per_node"] = ranks_per_node * student.num_params * 4
-    if student.num_params > 3e9 and not (uses_teacher and runtime.eval_on_workers):
-        notes.append("validation generation runs on rank 0's CPU copy of the student (no rollout workers in this "
-                     "stage): slow at this size; keep data.num_validation small or train.eval_interval large")
     if uses_teacher:
         teacher = stats_of(cfg.model.teacher)
         batch = math.ceil(cfg.train.num_rollouts / num_workers)

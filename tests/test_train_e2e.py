@@ -346,6 +346,49 @@ def test_mismatched_tokenizers_are_refused(assets, tmp_path):
     assert not out.exists()
 
 
+def test_sft_only_validation_is_generated_by_both_zero3_ranks(assets, tmp_path):
+    """No rollout workers: each learner rank generates its strided share of the validation prompts
+    with its ZeRO-3 module (collective forwards); the logged Rouge-L at the end equals the one of
+    ``final/`` generated here with the same shares and per-rank seeds."""
+    from minillm_rl.data import load_instructions, split_validation, tokenize_examples
+    from minillm_rl.evaluation import EvalConfig, evaluate, generate_responses
+    from minillm_rl.models import load_causal_lm, load_tokenizer
+    from minillm_rl.rounds import derived_seed
+
+    out = tmp_path / "run"
+    # 7 prompts: rank 1 pads its share with a copy, so both ranks run the same collective forwards.
+    _check_ok(_train(assets, out, "train.phases=[sft]", "runtime.deepspeed_config=ds_configs/zero3_fp32_cpu.json",
+                     "data.num_validation=7"))
+    best = json.loads((out / "best.json").read_text())
+    assert best["protocol"].endswith("split over 2 learner ranks")
+    logged = [r for r in _metrics(out) if "validation_rouge_l" in r]
+    assert [r["step"] for r in logged] == [3, SFT_STEPS]
+
+    tokenizer = load_tokenizer(assets["student"])
+    _, valid = split_validation(load_instructions(str(assets["data"])).examples, 7, 0)
+    valid, _ = tokenize_examples(valid, tokenizer, 64, 16, template="minillm")
+    assert len(valid) == 7
+    references = [[tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()] for e in valid]
+    cfg = EvalConfig.validation(max_new_tokens=8, seed=1)
+    final = load_causal_lm(out / "final").eval()
+
+    def by_two_ranks(prompts, seed):  # each share padded to 4 with the first prompt: the batch the rank drew
+        texts = [""] * len(prompts)
+        for rank in range(2):
+            share = prompts[rank::2]
+            texts[rank::2] = generate_responses(final, tokenizer, share + [prompts[0]] * (4 - len(share)), cfg,
+                                                derived_seed(seed, "validation", rank))[: len(share)]
+        return texts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count: the same reduction order
+    try:
+        expected = evaluate(None, tokenizer, valid, references, cfg, generate=by_two_ranks).rouge_l
+    finally:
+        torch.set_num_threads(threads)
+    assert logged[-1]["validation_rouge_l"] == pytest.approx(expected, abs=1e-9)
+
+
 @pytest.mark.parametrize("phase", ["seqkd", "kd"])
 def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
     """The first logged loss (before any update) must be the loss of the initial student on the

@@ -231,13 +231,14 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(slurm, assets, tmp_path, ra
          "a first SFT step in metrics.jsonl", interval_s=1)
     # What --signal=B:USR1@... does before the time limit: the batch shell alone gets USR1.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=60)
-    requeued = poll(lambda: (lambda f: f if f["Restarts"] == "1" else None)(job_fields(job_id, env)), RUN_TIMEOUT_S,
-                    f"job {job_id} requeued", interval_s=1)
+    # Past the transitional states (REQUEUED, COMPLETING): a PENDING job is then held by BeginTime.
+    requeued = poll(lambda: (lambda f: f if f["Restarts"] == "1" and f["JobState"] not in ("REQUEUED", "COMPLETING")
+                             else None)(job_fields(job_id, env)), RUN_TIMEOUT_S, f"job {job_id} requeued", interval_s=1)
     if requeued["JobState"] == "PENDING":  # Slurm holds a requeued job for 2 minutes (BeginTime): release it
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True, timeout=60)
     fields = _wait_for_end(job_id, env, log)
     text = log.read_text()
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-6000:]
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (requeued, fields, text[-6000:])
     assert fields["Restarts"] == "1", text[-6000:]
     assert "got SIGUSR1; forwarding it to the learners" in text
     assert "learners exited with code 3" in text and f"requeueing job {job_id}" in text

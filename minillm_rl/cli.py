@@ -14,6 +14,8 @@ import sys
 
 from minillm_rl.errors import EXIT_BAD_INPUT, EXIT_FAILED, RunFailed
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # models.DTYPES' keys, without importing torch to parse
+
 
 def _demo(args: argparse.Namespace) -> None:
     from minillm_rl.demo import DemoSettings, run_demo
@@ -34,15 +36,15 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig.test(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seeds=args.seeds)
     cfg = dataclasses.replace(cfg, temperature=args.temperature, no_repeat_ngram_size=args.no_repeat_ngram_size)
     result = evaluate_on_data(args.model, args.data, args.out, cfg, args.template, args.max_prompt_tokens,
-                              args.num_examples, args.split)
+                              args.num_examples, args.split, args.dtype, args.device, args.gguf_file)
     print(f"Rouge-L {result.rouge_l:.2f} ± {result.rouge_l_std:.2f}, exact match {result.exact_match:.2f} "
           f"({result.num_examples} examples, seeds {list(cfg.seeds)}) -> {args.out}")
 
 
 def _init_student(args: argparse.Namespace) -> None:
-    from minillm_rl.models import init_student
+    from minillm_rl.models import init_student, torch_dtype
 
-    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file)
+    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype))
     print(f"student with {args.layers} layers written to {out} (train it with SFT before use)")
 
 
@@ -104,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="generate on instruction data and score Rouge-L / exact match")
-    ev.add_argument("--model", required=True, help="HF model directory (or hub name)")
+    ev.add_argument("--model", required=True, help="HF model directory, hub name, or GGUF directory")
+    ev.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    ev.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    ev.add_argument("--device", default="auto", help="auto (a GPU when one is visible), cpu, cuda or cuda:N")
     ev.add_argument("--data", required=True, help="jsonl / json file, 'sharegpt', or a datasets name/dir")
     ev.add_argument("--out", required=True, help="directory for results.json, answers.jsonl, results.md")
     ev.add_argument("--split", default="test", help="dataset split for datasets sources (default: test)")
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--teacher", required=True, help="HF model directory, hub name, or GGUF directory")
     init.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher")
     init.add_argument("--layers", type=int, required=True, help="number of layers to keep")
+    init.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                      help="dtype the teacher is loaded in and the student saved in")
     init.add_argument("--out", required=True)
     init.set_defaults(func=_init_student)
 

@@ -250,16 +250,21 @@ def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike, name: str
 
 def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.PathLike, cfg: EvalConfig,
                      template: str = "minillm", max_prompt_tokens: int = 256, num_examples: int | None = None,
-                     split: str = "test") -> EvalResult:
-    """``minillm-rl eval``: load a model and instruction data, evaluate, write the result files.
+                     split: str = "test", dtype: str = "float32", device: str = "auto",
+                     gguf_file: str | None = None) -> EvalResult:
+    """``minillm-rl eval``: load a model (an HF directory, a hub name, or ``gguf_file`` in the
+    ``model_source`` directory) in ``dtype`` on ``device`` and instruction data, evaluate, write
+    the result files.
 
     References are the data's responses, untruncated; prompts over ``max_prompt_tokens`` are
     dropped (and counted in ``results.json`` under ``settings.preparation``).
     """
     from minillm_rl.data import load_instructions, tokenize_examples
-    from minillm_rl.models import load_causal_lm, load_tokenizer
+    from minillm_rl.models import load_causal_lm, load_tokenizer, resolve_device, torch_dtype
 
-    model, tokenizer = load_causal_lm(model_source), load_tokenizer(model_source)
+    target_dtype, target_device = torch_dtype(dtype), resolve_device(device)
+    tokenizer = load_tokenizer(model_source, gguf_file=gguf_file)
+    model = load_causal_lm(model_source, dtype=target_dtype, gguf_file=gguf_file).to(target_device)
     loaded = load_instructions(data_source, split=split, max_examples=num_examples)
     by_source = {example.source: example for example in loaded.examples}
     examples, counts = tokenize_examples(loaded.examples, tokenizer, max_prompt_tokens, cfg.max_new_tokens, template)
@@ -268,5 +273,7 @@ def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.Path
     references = [[by_source[example.source].response] for example in examples]
     result = evaluate(model, tokenizer, examples, references, cfg)
     result.settings["preparation"] = dataclasses.asdict(counts)
+    result.settings["model"] = {"source": str(model_source), "gguf_file": gguf_file, "dtype": dtype,
+                                "device": str(target_device)}
     write_eval_outputs(result, out_dir, name=str(model_source))
     return result

@@ -20,6 +20,30 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Where each supported architecture family keeps its stack of decoder layers.
 _LAYER_STACK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a user-facing name (``float32``, ``bfloat16``, ``float16``)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the first CUDA device when one is visible, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:N`` as given, refused in one line when that GPU is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def _check_source(path_or_name: str | os.PathLike, gguf_file: str | None) -> str:
@@ -220,13 +244,13 @@ def check_tokenizers_compatible(teacher_tokenizer, student_tokenizer) -> None:
 
 
 def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: str | os.PathLike,
-                 gguf_file: str | None = None) -> Path:
-    """Write a layer-pruned student (evenly spaced teacher layers) and the teacher's tokenizer to
-    ``out_dir`` (atomically). The student needs SFT before it is any use."""
+                 gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a layer-pruned student (evenly spaced teacher layers, in ``dtype``) and the teacher's
+    tokenizer to ``out_dir`` (atomically). The student needs SFT before it is any use."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} already exists; expected a new output directory")
-    teacher = load_causal_lm(teacher_source, gguf_file=gguf_file)
+    teacher = load_causal_lm(teacher_source, dtype=dtype, gguf_file=gguf_file)
     tokenizer = load_tokenizer(teacher_source, gguf_file=gguf_file)
     n_total = len(teacher.get_submodule(_layer_stack_path(teacher)))
     student = prune_student(teacher, evenly_spaced_layers(n_total, num_layers))

@@ -378,7 +378,8 @@ def _eval_stage(train_stage: dict[str, Any], data: str | None, split: str, clust
     argv = ["minillm-rl", "eval", "--model", model, "--data", data or cfg.data.train, "--split", split,
             "--out", str(Path(cfg.output.dir) / "test"), "--template", cfg.data.template,
             "--max-prompt-tokens", str(cfg.data.max_prompt_tokens), "--max-new-tokens", str(cfg.eval.max_new_tokens),
-            "--no-repeat-ngram-size", str(cfg.eval.no_repeat_ngram_size), "--seeds", *seeds]
+            "--no-repeat-ngram-size", str(cfg.eval.no_repeat_ngram_size), "--seeds", *seeds,
+            "--dtype", cfg.model.dtype, "--device", "cuda" if cluster.num_gpus else "cpu"]
     return {"name": f"eval {model}", "kind": "eval", "model": model, "data": data or cfg.data.train, "split": split,
             "commands": [_command(cluster.hosts[0][0], argv)]}
 

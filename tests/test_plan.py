@@ -217,6 +217,9 @@ def test_train_opt13b_stages_roles_and_disjoint_gpus(opt_plan):
     assert evaluation["kind"] == "eval" and evaluation["model"] == "runs/opt-1.3b-minillm/best"
     argv = evaluation["commands"][0]["argv"]
     assert argv[:2] == ["minillm-rl", "eval"] and argv[argv.index("--split") + 1] == "train[:500]"
+    from minillm_rl.cli import build_parser
+    parsed = build_parser().parse_args(argv[1:])  # the flags the plan writes are the CLI's own
+    assert (parsed.dtype, parsed.device, parsed.seeds) == ("bfloat16", "cuda", [10, 20, 30, 40, 50])
     assert load_config(str(REPO / STUDENT)).data.split == "train[500:]"  # the test records are not trained on
 
 

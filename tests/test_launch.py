@@ -32,6 +32,7 @@ from launch_cluster import (
     missing_launch_deps,
     poll,
     slurm_cluster,
+    slurm_daemon_logs,
     ssh_nodes,
 )
 from tiny_assets import write_assets
@@ -67,8 +68,11 @@ def _recipe_overrides(assets, out: Path) -> list[str]:
 
 def _run_env(base: dict[str, str], ray_tmp: Path) -> dict[str, str]:
     """CPU learners over loopback gloo; a Ray port and temp dir of this test's own."""
+    # A token path of this test's own: the launch scripts write it as on a fresh cluster, whatever
+    # an earlier local ray.init() left in ~/.ray.
     return {**base, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "GLOO_SOCKET_IFNAME": "lo", "RAY_PORT": str(free_port()), "RAY_TMPDIR": str(ray_tmp)}
+            "GLOO_SOCKET_IFNAME": "lo", "RAY_PORT": str(free_port()), "RAY_TMPDIR": str(ray_tmp),
+            "RAY_AUTH_TOKEN_PATH": str(ray_tmp / "auth_token")}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -114,6 +118,29 @@ def test_scripts_refuse_bad_input_with_one_line(tmp_path):
     result = subprocess.run(["bash", str(LAUNCH / "slurm_minillm.sbatch"), RECIPE], cwd=REPO, capture_output=True,
                             text=True, env=env, timeout=60)
     assert result.returncode == 2 and "submit this with sbatch" in result.stderr
+
+
+def test_ray_cluster_head_writes_the_auth_token_a_worker_must_find(tmp_path):
+    """`ray start` refuses token auth without a token: the head writes one (private, reused),
+    a worker without it is refused with one line naming where it looked."""
+    token_path = tmp_path / "shared" / "ray_token"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    result = subprocess.run([str(LAUNCH / "ray_cluster.sh"), "start-worker", "127.0.0.1:1"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"no Ray auth token at {token_path}" in result.stderr and not token_path.exists()
+
+    def auth_token() -> str:
+        result = subprocess.run([str(LAUNCH / "ray_cluster.sh"), "auth-token"], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert f"wrote a new Ray auth token to {token_path}" in auth_token()
+    token = token_path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and token_path.stat().st_mode & 0o077 == 0
+    assert auth_token() == "" and token_path.read_text() == token  # kept, not replaced
 
 
 def test_ray_cluster_wait_times_out_instead_of_hanging():
@@ -203,9 +230,14 @@ def _wait_for_end(job_id: str, env: dict[str, str], log: Path) -> dict[str, str]
         return fields if fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
     try:
-        return poll(ended, RUN_TIMEOUT_S, f"slurm job {job_id} to end", interval_s=2)
+        fields = poll(ended, RUN_TIMEOUT_S, f"slurm job {job_id} to end", interval_s=2)
     finally:
         print(log.read_text() if log.exists() else f"(no job log {log})")
+    if fields["JobState"] != "COMPLETED":  # shown with the failure: Slurm's own account of why
+        print(" ".join(f"{key}={fields.get(key)}" for key in ("JobState", "Reason", "ExitCode", "Restarts",
+                                                              "BatchFlag", "StartTime", "EndTime")))
+        print(slurm_daemon_logs(env))
+    return fields
 
 
 @needs_root_and_apt
@@ -234,8 +266,12 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(slurm, assets, tmp_path, ra
     # Past the transitional states (REQUEUED, COMPLETING): a PENDING job is then held by BeginTime.
     requeued = poll(lambda: (lambda f: f if f["Restarts"] == "1" and f["JobState"] not in ("REQUEUED", "COMPLETING")
                              else None)(job_fields(job_id, env)), RUN_TIMEOUT_S, f"job {job_id} requeued", interval_s=1)
-    if requeued["JobState"] == "PENDING":  # Slurm holds a requeued job for 2 minutes (BeginTime): release it
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True, timeout=60)
+    if requeued["JobState"] == "PENDING":
+        # Slurm holds a requeued job for 2 minutes (BeginTime) so that its new credential postdates
+        # the revoked one of the killed run: slurmd refuses a launch within the same second ("Job
+        # credential revoked", the job FAILS). Released a few seconds from now instead.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], env=env, check=True,
+                       timeout=60)
     fields = _wait_for_end(job_id, env, log)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (requeued, fields, text[-6000:])

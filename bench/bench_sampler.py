@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from minillm_rl.data import load_instructions
 from minillm_rl.forward import response_logits
-from minillm_rl.losses import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
+from minillm_rl.chunked_vocab import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
 from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_and_student
 from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
 

@@ -245,6 +245,30 @@ def _check_chunk_size(name: str, chunk_size: int | None) -> None:
         raise ValueError(f"{name}: chunk_size must be >= 1 or None (per device), got {chunk_size}")
 
 
+def _apply_dense(name: str, kernel, chunk_size: int | None, student_logits: torch.Tensor, field: str,
+                 teacher: torch.Tensor) -> torch.Tensor:
+    """Checks and runs a kernel whose teacher input is ``[B, T, V]`` like ``student_logits``."""
+    check_logits(name, student_logits)
+    check_aligned(name, field, teacher, student_logits.shape)
+    _check_chunk_size(name, chunk_size)
+    return _ChunkedLogitsFunction.apply(kernel, chunk_size, student_logits, teacher)
+
+
+def _apply_topk(name: str, kernel, chunk_size: int | None, student_logits: torch.Tensor,
+                teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torch.Tensor:
+    """Checks and runs a kernel whose teacher input is ``[B, T, K]`` top-K log-probs and ids."""
+    check_logits(name, student_logits)
+    _check_chunk_size(name, chunk_size)
+    if teacher_topk_logprobs.dim() != 3 or teacher_topk_logprobs.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"{name}: teacher_topk_logprobs must be [batch, length, K] with batch, length = "
+            f"{tuple(student_logits.shape[:2])}, got {tuple(teacher_topk_logprobs.shape)}"
+        )
+    check_aligned(name, "teacher_topk_ids", teacher_topk_ids, teacher_topk_logprobs.shape)
+    return _ChunkedLogitsFunction.apply(kernel, chunk_size, student_logits, teacher_topk_logprobs,
+                                        teacher_topk_ids.long())
+
+
 def token_logprobs(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
@@ -291,10 +315,8 @@ def reverse_kl_to_teacher(
     Returns:
         ``[B, T]`` float32.
     """
-    check_logits("reverse_kl_to_teacher", student_logits)
-    check_aligned("reverse_kl_to_teacher", "teacher_dist_logprobs", teacher_dist_logprobs, student_logits.shape)
-    _check_chunk_size("reverse_kl_to_teacher", chunk_size)
-    return _ChunkedLogitsFunction.apply(_ReverseKLKernel(), chunk_size, student_logits, teacher_dist_logprobs)
+    return _apply_dense("reverse_kl_to_teacher", _ReverseKLKernel(), chunk_size, student_logits,
+                        "teacher_dist_logprobs", teacher_dist_logprobs)
 
 
 def reverse_kl_to_teacher_topk(
@@ -324,18 +346,8 @@ def reverse_kl_to_teacher_topk(
     Returns:
         ``[B, T]`` float32.
     """
-    name = "reverse_kl_to_teacher_topk"
-    check_logits(name, student_logits)
-    _check_chunk_size(name, chunk_size)
-    if teacher_topk_logprobs.dim() != 3 or teacher_topk_logprobs.shape[:2] != student_logits.shape[:2]:
-        raise ValueError(
-            f"{name}: teacher_topk_logprobs must be [batch, length, K] with batch, length = "
-            f"{tuple(student_logits.shape[:2])}, got {tuple(teacher_topk_logprobs.shape)}"
-        )
-    check_aligned(name, "teacher_topk_ids", teacher_topk_ids, teacher_topk_logprobs.shape)
-    return _ChunkedLogitsFunction.apply(
-        _TopKReverseKLKernel(), chunk_size, student_logits, teacher_topk_logprobs, teacher_topk_ids.long()
-    )
+    return _apply_topk("reverse_kl_to_teacher_topk", _TopKReverseKLKernel(), chunk_size, student_logits,
+                       teacher_topk_logprobs, teacher_topk_ids)
 
 
 def soft_cross_entropy(
@@ -350,10 +362,8 @@ def soft_cross_entropy(
     Returns:
         ``[B, L]`` float32.
     """
-    check_logits("soft_cross_entropy", student_logits)
-    check_aligned("soft_cross_entropy", "teacher_logprobs", teacher_logprobs, student_logits.shape)
-    _check_chunk_size("soft_cross_entropy", chunk_size)
-    return _ChunkedLogitsFunction.apply(_SoftCrossEntropyKernel(), chunk_size, student_logits, teacher_logprobs)
+    return _apply_dense("soft_cross_entropy", _SoftCrossEntropyKernel(), chunk_size, student_logits,
+                        "teacher_logprobs", teacher_logprobs)
 
 
 def soft_cross_entropy_topk(
@@ -374,10 +384,5 @@ def soft_cross_entropy_topk(
     Returns:
         ``[B, L]`` float32.
     """
-    check_logits("soft_cross_entropy_topk", student_logits)
-    _check_chunk_size("soft_cross_entropy_topk", chunk_size)
-    check_aligned("soft_cross_entropy_topk", "teacher_topk_logprobs", teacher_topk_logprobs,
-                   (*student_logits.shape[:2], teacher_topk_logprobs.shape[-1]))
-    check_aligned("soft_cross_entropy_topk", "teacher_topk_ids", teacher_topk_ids, teacher_topk_logprobs.shape)
-    return _ChunkedLogitsFunction.apply(_TopKSoftCrossEntropyKernel(), chunk_size, student_logits,
-                                        teacher_topk_logprobs, teacher_topk_ids.long())
+    return _apply_topk("soft_cross_entropy_topk", _TopKSoftCrossEntropyKernel(), chunk_size, student_logits,
+                       teacher_topk_logprobs, teacher_topk_ids)

@@ -39,13 +39,13 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from minillm_rl.advantages import AdvantageConfig
+from minillm_rl.algorithm.advantages import AdvantageConfig
 from minillm_rl.config import OptimConfig
 from minillm_rl.data import InstructionExample, format_prompt, load_instructions
 from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_and_student
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
-from minillm_rl.trainer.engine import TorchEngine
-from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.engine import TorchEngine
+from minillm_rl.algorithm.ppo import MiniLLMLossConfig, ppo_round
 
 ARTIFACTS = REPO / "artifacts"
 VENVS = ARTIFACTS / "venvs"
@@ -204,7 +204,7 @@ def bench_staleness(teacher_dir: Path, student_dir: Path, args) -> str | None:
 
     Returns the markdown section, or ``None`` when the coordinator is not available yet.
     """
-    if importlib.util.find_spec("minillm_rl.coordinator") is None:
+    if importlib.util.find_spec("minillm_rl.runtime.coordinator") is None:
         print("staleness comparison: coordinator not available yet")
         return None
     lines = ["| max_staleness | round | rollout s | transfer s | learn s | sync s | round s | samples/s |",

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minillm_rl.data import load_instructions
-from minillm_rl.forward import response_logits
-from minillm_rl.chunked_vocab import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
+from minillm_rl.algorithm.forward import response_logits
+from minillm_rl.algorithm.chunked_vocab import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
 from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_and_student
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 
 ARTIFACTS = REPO / "artifacts"
 STUDENT_LAYERS = 6

@@ -95,7 +95,7 @@ class SamplingConfig:
 @dataclass
 class AdvantageConfig:
     """Reward and advantage (algorithm.md §3.5-§3.6); same fields as
-    ``minillm_rl.advantages.AdvantageConfig`` so ``AdvantageConfig(**asdict(section))`` works."""
+    ``minillm_rl.algorithm.advantages.AdvantageConfig`` so ``AdvantageConfig(**asdict(section))`` works."""
 
     gamma: float = _bounded(0.95, low=0.0, high=1.0)
     length_normalize: bool = True
@@ -210,6 +210,11 @@ class OutputConfig:
     dir: str = "runs/minillm"
     resume: str = "none"
     keep_checkpoints: int = _bounded(2, low=1)
+    # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard/ in the run directory) and/or
+    # Weights & Biases (its own settings: WANDB_PROJECT, WANDB_MODE=offline without a network, ...).
+    report_to: list[Literal["tensorboard", "wandb"]] = _list_field("tensorboard")
+    # Seconds between progress lines of a phase (whole lines, readable in log files).
+    progress_interval_s: float = _bounded(30.0, low=0.0)
 
 
 @dataclass
@@ -420,6 +425,10 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
     if sampling.max_new_tokens > budget:
         fail("sampling.max_new_tokens", f"must be <= data.max_length - data.max_prompt_tokens ({budget}), "
                                         f"got {sampling.max_new_tokens}")
+    if not config.advantage.include_current_reward and not config.loss.single_step:
+        fail("advantage.include_current_reward", "is false and loss.single_step is false: the current token's "
+                                                 "reward r_t is then in neither term and the gradient is biased "
+                                                 "(algorithm.md §4.3); turn one of them on")
     if config.loss.single_step and sampling.teacher_dist == "none":
         fail("sampling.teacher_dist", "is 'none' but loss.single_step is on: use 'exact' or 'topk'")
     if data.pretrain_corpus:
@@ -475,7 +484,7 @@ def _check_deepspeed_batches(config: RunConfig, path: Path, ds_config: dict,
     """The batch keys of the DeepSpeed file against every phase's global batch (rows per optimizer
     step: ``sft.batch_size`` for supervised phases, ``train.micro_batch_size`` for MiniLLM), as far
     as they can be checked before the world size is known; the learner checks the rest
-    (:func:`minillm_rl.learner.resolve_ds_config`). One file serves every phase of the run."""
+    (:func:`minillm_rl.runtime.learner.resolve_ds_config`). One file serves every phase of the run."""
     for section in ("optimizer", "scheduler"):
         if section in ds_config:
             fail("runtime.deepspeed_config", f"{path} has an '{section}' section; remove it: the recipe's optim "

@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minillm_rl.advantages import AdvantageConfig
-from minillm_rl.batching import collate_supervised, left_pad
+from minillm_rl.algorithm.advantages import AdvantageConfig
+from minillm_rl.algorithm.batching import collate_supervised, left_pad
 from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-from minillm_rl.evaluation import EvalConfig, evaluate
+from minillm_rl.evaluation.protocol import EvalConfig, evaluate
 from minillm_rl.models import load_causal_lm, load_tokenizer, save_model_dir, smollm2_teacher_and_student
-from minillm_rl.report import build_report
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.evaluation.report import build_report
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.tracking import MetricsLogger, atomic_write_json, atomic_write_text
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.engine import TorchEngine
-from minillm_rl.trainer.minillm import MiniLLMLossConfig, ppo_round
-from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
+from minillm_rl.algorithm.engine import TorchEngine
+from minillm_rl.algorithm.ppo import MiniLLMLossConfig, ppo_round
+from minillm_rl.algorithm.supervised import supervised_micro_batch_loss, validation_loss
 
 
 @dataclass

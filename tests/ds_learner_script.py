@@ -15,17 +15,17 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm_rl.advantages import AdvantageConfig
-from minillm_rl.learner import (
+from minillm_rl.algorithm.advantages import AdvantageConfig
+from minillm_rl.runtime.learner import (
     build_engine,
     export_student_state,
     init_distributed,
     load_checkpoint,
     save_checkpoint,
 )
-from minillm_rl.rollout.sampler import SamplingConfig
+from minillm_rl.algorithm.sampler import SamplingConfig
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.minillm import MiniLLMLossConfig, PretrainBatch, ppo_round
+from minillm_rl.algorithm.ppo import MiniLLMLossConfig, PretrainBatch, ppo_round
 
 
 def build_student(data: dict) -> torch.nn.Module:

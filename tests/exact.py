@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from minillm_rl.forward import response_logits
+from minillm_rl.algorithm.forward import response_logits
 
 
 def all_responses(vocab_size: int, eos_token_id: int, horizon: int) -> list[list[int]]:

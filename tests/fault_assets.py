@@ -12,7 +12,7 @@ from typing import Any
 from tiny_assets import tiny_llama
 from transformers import LlamaForCausalLM
 
-from minillm_rl.replay import ReplayBuffer
+from minillm_rl.runtime.replay import ReplayBuffer
 
 
 class SlowLlama(LlamaForCausalLM):

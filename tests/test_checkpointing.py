@@ -1,5 +1,5 @@
 """Checkpoint integrity without DeepSpeed: manifests, verification, the resume choice, rotation
-(minillm_rl/checkpointing.py). Checkpoints here are tag directories of small fake files laid
+(minillm_rl/runtime/checkpointing.py). Checkpoints here are tag directories of small fake files laid
 out like DeepSpeed's."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm_rl.checkpointing import (
+from minillm_rl.runtime.checkpointing import (
     MANIFEST_NAME,
     best_rouge_tag,
     checkpoint_problem,

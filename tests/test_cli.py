@@ -71,7 +71,7 @@ def test_eval_writes_results_that_match_its_answers(teacher_dir, tmp_path, dtype
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert results["num_examples"] == 2 and len(answers) == 2
     assert results["rouge_l_per_seed"] and len(results["rouge_l_per_seed"]) == 2
-    from minillm_rl.metrics import rouge_l
+    from minillm_rl.evaluation.metrics import rouge_l
     assert abs(rouge_l([a["prediction"] for a in answers], [a["references"] for a in answers])
                - results["rouge_l_per_seed"][0]) < 1e-9
     assert "| model |" in (out / "results.md").read_text()

@@ -57,7 +57,7 @@ def test_defaults_are_the_reference_values():
 
 
 def test_advantage_section_matches_the_advantages_module():
-    from minillm_rl.advantages import AdvantageConfig
+    from minillm_rl.algorithm.advantages import AdvantageConfig
 
     section = dataclasses.asdict(RunConfig().advantage)
     assert AdvantageConfig(**section) == AdvantageConfig()

@@ -434,8 +434,8 @@ def test_prepared_dataset_trains_on_the_same_ids_as_the_direct_path(tmp_path):
     from types import SimpleNamespace
 
     from minillm_rl.config import DataConfig
-    from minillm_rl.coordinator import TrainingRun
     from minillm_rl.data.prepared import prepare_dataset
+    from minillm_rl.runtime.inputs import load_instruction_splits
 
     source, tokenizer, settings = _prepare_case(tmp_path)
     prepare_dataset(str(source), tokenizer, "tiny-words", tmp_path / "prepared", settings)
@@ -443,8 +443,7 @@ def test_prepared_dataset_trains_on_the_same_ids_as_the_direct_path(tmp_path):
                   skip_bad_records=True)
 
     def load(train):
-        run = SimpleNamespace(cfg=SimpleNamespace(data=DataConfig(train=str(train), **common)), tokenizer=tokenizer)
-        return TrainingRun._load_data(run)
+        return load_instruction_splits(SimpleNamespace(data=DataConfig(train=str(train), **common)), tokenizer)
 
     direct_train, direct_valid = load(source)
     prepared_train, prepared_valid = load(tmp_path / "prepared")

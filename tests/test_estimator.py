@@ -21,11 +21,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from exact import reverse_kl
-from minillm_rl.advantages import AdvantageConfig, compute_advantages
-from minillm_rl.chunked_vocab import token_logprobs
-from minillm_rl.forward import response_logits
-from minillm_rl.losses import policy_loss, single_step_loss
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.advantages import AdvantageConfig, compute_advantages
+from minillm_rl.algorithm.chunked_vocab import token_logprobs
+from minillm_rl.algorithm.forward import response_logits
+from minillm_rl.algorithm.losses import policy_loss, single_step_loss
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 
 VOCAB, EOS, HORIZON = 5, 4, 3
 PROMPT = [1, 2]

@@ -14,14 +14,14 @@ import torch
 from conftest import make_tiny_lm
 
 from minillm_rl.data import TokenizedExample
-from minillm_rl.evaluation import (
+from minillm_rl.evaluation.protocol import (
     EvalConfig,
     evaluate,
     generate_responses,
     markdown_table,
     write_eval_outputs,
 )
-from minillm_rl.metrics import exact_match, rouge_l
+from minillm_rl.evaluation.metrics import exact_match, rouge_l
 
 torch.set_num_threads(2)
 

@@ -1,7 +1,7 @@
 """Faults survived or reported (issue 6): a rollout worker or the replay store SIGKILLed mid-round,
 a stuck worker, and a failed `minillm-rl train` that leaves no process behind.
 
-The round-level tests drive :class:`~minillm_rl.rollout.client.RolloutClient` with real Ray actors
+The round-level tests drive :class:`~minillm_rl.runtime.rollout.client.RolloutClient` with real Ray actors
 on tiny Llamas (no DeepSpeed): a disturbed round must equal an undisturbed one with the same seeds
 (the same tokens; recorded log-probs within 1e-5), and the replay store's books must balance. Faults are injected at exact points by
 ``tests/fault_assets.py`` (a store that SIGKILLs a process at a chosen call), or right after the
@@ -27,11 +27,11 @@ import psutil
 import pytest
 import torch
 
-from minillm_rl.rounds import canonical_order, concat_rollouts
-from minillm_rl.replay import make_replay_store_actor
-from minillm_rl.rollout.client import RolloutClient, WorkerCalls
-from minillm_rl.rollout.sampler import SamplingConfig
-from minillm_rl.rollout.worker import call_with_timeout, make_rollout_worker
+from minillm_rl.runtime.rounds import canonical_order, concat_rollouts
+from minillm_rl.runtime.replay import make_replay_store_actor
+from minillm_rl.runtime.rollout.client import RolloutClient, WorkerCalls
+from minillm_rl.algorithm.sampler import SamplingConfig
+from minillm_rl.runtime.rollout.worker import call_with_timeout, make_rollout_worker
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -315,12 +315,23 @@ BAD_INPUTS = {
     "no prompt within budget": (lambda a, t: ["data.max_prompt_tokens=2", "data.max_length=10"],
                                 r"data\.train: .* has no example whose prompt fits data\.max_prompt_tokens=2"),
     "missing model path": (lambda a, t: [f"model.student={t / 'nowhere'}"], r"model path .*nowhere.*no such directory"),
-    "student dir without weights": (_without_weights("student"), r"cannot load model .*student"),
+    "student dir without weights": (_without_weights("student"), r"model\.student: model path .*student.* "
+                                                                  r"config\.json and \*\.safetensors or \*\.bin weights"),
     "teacher dir without weights": (_without_weights("teacher"), r"model\.teacher: model path .*teacher.* config\.json "
                                                                   r"and \*\.safetensors or \*\.bin weights"),
     "alpha outside [0, 1]": (lambda a, t: ["sampling.alpha=1.5"], r"sampling\.alpha"),
     "negative lr": (lambda a, t: ["train.optim.lr=-0.1"], r"train\.optim\.lr"),
     "unknown key": (lambda a, t: ["train.totl_steps=3"], r"train\.totl_steps.*did you mean 'train\.total_steps'"),
+    "output directory that cannot be created": (lambda a, t: ["output.dir=/proc/nonexistent/x"],
+                                                r"^minillm-rl: error: output\.dir: cannot create /proc/nonexistent/x "),
+    "resume target that does not exist": (lambda a, t: ["--resume", str(t / "no-such-checkpoint")],
+                                          r"^minillm-rl: error: --resume .*no-such-checkpoint: expected 'auto', 'none'"),
+    "resume target in the recipe that does not exist": (
+        lambda a, t: [f"output.resume={t / 'no-such-checkpoint'}"],
+        r"output\.resume: expected 'none', 'auto' or an existing checkpoint path"),
+    "current reward in neither term (biased gradient)": (
+        lambda a, t: ["advantage.include_current_reward=false", "loss.single_step=false"],
+        r"advantage\.include_current_reward: is false and loss\.single_step is false: .* biased"),
     "DeepSpeed file contradicting the recipe": (_contradicting_deepspeed_file,
                                                 r"\.yaml:\d+: sft\.batch_size: is 8 but .*ds\.json sets "
                                                 r"train_micro_batch_size_per_gpu=3"),
@@ -330,20 +341,26 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_the_output_dir_is_never_created(case, assets, tmp_path, capsys,
                                                                           monkeypatch):
-    """`minillm-rl train` in process (the teacher/student tokenizer mismatch is
-    test_train_e2e.py's, as a subprocess). Learner process group, Ray and the run itself are
-    stubbed out: every check must fire before them."""
-    from minillm_rl import cli, coordinator
+    """`minillm-rl train` with 2 learners, in process (the teacher/student tokenizer mismatch is
+    test_train_e2e.py's, as a subprocess). The re-launch under deepspeed, the learner process
+    group, Ray and the run itself are stubbed out: every check must fire in the CLI process,
+    before any rank would start."""
+    from minillm_rl import cli
+    from minillm_rl.cli import launch
+    from minillm_rl.runtime import coordinator, run
+    from minillm_rl.runtime.rollout import fleet
 
     def past_the_checks(*args, **kwargs):
         raise AssertionError(f"{case}: the run got past the input checks")
 
     monkeypatch.setattr(coordinator, "init_distributed", lambda timeout_s: (0, 1))
-    monkeypatch.setattr(coordinator.TrainingRun, "_start_rollout_side", past_the_checks)
-    monkeypatch.setattr(coordinator.TrainingRun, "run", past_the_checks)
+    monkeypatch.setattr(fleet.RolloutFleet, "__init__", past_the_checks)
+    monkeypatch.setattr(run.TrainingRun, "__init__", past_the_checks)
+    monkeypatch.setattr(coordinator, "run_phases", past_the_checks)
+    monkeypatch.setattr(launch, "relaunch_under_deepspeed", past_the_checks)
     make_overrides, expected = BAD_INPUTS[case]
     out = tmp_path / "run"
-    argv, _ = _train_command(assets, out, "runtime.num_learners=1", *make_overrides(assets, tmp_path))
+    argv, _ = _train_command(assets, out, "runtime.num_learners=2", *make_overrides(assets, tmp_path))
     code = cli.main(argv[argv.index("train"):])
     stderr = capsys.readouterr().err
     lines = stderr.strip().splitlines()

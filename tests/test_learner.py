@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm_rl.batching import left_pad
-from minillm_rl.learner import _free_port, launcher_env, resolve_ds_config
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.batching import left_pad
+from minillm_rl.runtime.learner import _free_port, launcher_env, resolve_ds_config
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.engine import TorchEngine, lr_factor
+from minillm_rl.algorithm.engine import TorchEngine, lr_factor
 
 from ds_learner_script import train_rounds  # tests/
 
@@ -230,7 +230,7 @@ import sys, torch
 sys.path.insert(0, "tests")
 from tiny_assets import write_assets
 from minillm_rl.config import OptimConfig
-from minillm_rl.learner import build_engine, export_student_state, init_distributed, resolve_ds_config, zero3_construction
+from minillm_rl.runtime.learner import build_engine, export_student_state, init_distributed, resolve_ds_config, zero3_construction
 from minillm_rl.models import load_causal_lm
 init_distributed(120)
 student = write_assets(sys.argv[1])["student"]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minillm_rl.advantages import (
+from minillm_rl.algorithm.advantages import (
     AdvantageConfig,
     compute_advantages,
     importance_weights,
@@ -26,15 +26,15 @@ from minillm_rl.advantages import (
     token_rewards,
     whiten,
 )
-from minillm_rl.chunked_vocab import (
+from minillm_rl.algorithm.chunked_vocab import (
     reverse_kl_to_teacher,
     reverse_kl_to_teacher_topk,
     soft_cross_entropy,
     soft_cross_entropy_topk,
     token_logprobs,
 )
-from minillm_rl.logits import process_logits
-from minillm_rl.losses import kd_loss, minillm_loss, policy_loss, pt_loss, sft_loss, single_step_loss
+from minillm_rl.algorithm.logits import process_logits
+from minillm_rl.algorithm.losses import kd_loss, minillm_loss, policy_loss, pt_loss, sft_loss, single_step_loss
 
 torch.set_num_threads(1)
 

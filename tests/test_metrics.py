@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from minillm_rl.metrics import (
+from minillm_rl.evaluation.metrics import (
     exact_match,
     exact_match_scores,
     normalize_answer,

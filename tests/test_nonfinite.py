@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm_rl.batching import collate_supervised
+from minillm_rl.algorithm.batching import collate_supervised
 from minillm_rl.config import OptimConfig
-from minillm_rl.coordinator import Progress, advance_progress
+from minillm_rl.runtime.run import Progress, advance_progress
 from minillm_rl.errors import RunFailed
-from minillm_rl.trainer.engine import TorchEngine
-from minillm_rl.trainer.minillm import apply_optimizer_step, token_mean_backward
-from minillm_rl.trainer.sft import supervised_micro_batch_loss
+from minillm_rl.algorithm.engine import TorchEngine
+from minillm_rl.algorithm.ppo import apply_optimizer_step, token_mean_backward
+from minillm_rl.algorithm.supervised import supervised_micro_batch_loss
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = 1
@@ -98,7 +98,7 @@ sys.path.insert(0, "tests")
 from conftest import make_tiny_lm
 from test_nonfinite import BATCH, _infinite_loss_finite_gradient, _nan_gradient, _train_step
 from minillm_rl.config import OptimConfig
-from minillm_rl.learner import build_engine, export_student_state, init_distributed
+from minillm_rl.runtime.learner import build_engine, export_student_state, init_distributed
 
 init_distributed(timeout_s=120)
 for config in sys.argv[1:]:

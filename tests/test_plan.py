@@ -15,7 +15,7 @@ import pytest
 
 from minillm_rl import cli
 from minillm_rl.config import ConfigError, load_config
-from minillm_rl.plan import (
+from minillm_rl.cli.plan import (
     build_plan,
     find_model_config,
     model_stats,

@@ -1,4 +1,4 @@
-"""Preemption by signal (minillm_rl/preemption.py): the flag-setting handlers, and SIGTERM /
+"""Preemption by signal (minillm_rl/runtime/preemption.py): the flag-setting handlers, and SIGTERM /
 SIGUSR1 reaching the ranks through the real ``deepspeed`` launcher with exit code 3 coming back.
 The end-to-end signal -> checkpoint -> resume test is in tests/test_train_e2e.py."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from minillm_rl.learner import _free_port
-from minillm_rl.preemption import PreemptionSignals, children_ignore_sigusr1
+from minillm_rl.runtime.learner import _free_port
+from minillm_rl.runtime.preemption import PreemptionSignals, children_ignore_sigusr1
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 3
@@ -36,7 +36,7 @@ sys.exit(3 if got else 1)
 # `minillm-rl train` with num_learners=2, minus the training: the deepspeed launcher over FAKE_RANK.
 FORWARDER = """
 import functools, os, sys
-from minillm_rl.preemption import rank_pids, run_forwarding_signals
+from minillm_rl.runtime.preemption import rank_pids, run_forwarding_signals
 script, port, out = sys.argv[1:]
 command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port, script, out]
 sys.exit(run_forwarding_signals(command, dict(os.environ), functools.partial(rank_pids, script=script)))

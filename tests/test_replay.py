@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm_rl.replay import (
+from minillm_rl.runtime.replay import (
     ReplayBuffer,
     batch_size_of,
     make_replay_store_actor,

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from minillm_rl.cli import main
-from minillm_rl.evaluation import EvalResult, write_eval_outputs
-from minillm_rl.report import build_report, metric_series, read_metrics
+from minillm_rl.evaluation.protocol import EvalResult, write_eval_outputs
+from minillm_rl.evaluation.report import build_report, metric_series, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,15 +16,15 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from minillm_rl.forward import position_ids_from_mask
-from minillm_rl.logits import process_logits
+from minillm_rl.algorithm.forward import position_ids_from_mask
+from minillm_rl.algorithm.logits import process_logits
 from minillm_rl.models import (
     check_tokenizers_compatible,
     evenly_spaced_layers,
     load_causal_lm,
     prune_student,
 )
-from minillm_rl.rollout.sampler import (
+from minillm_rl.algorithm.sampler import (
     Rollout,
     SamplingConfig,
     _CachedDecoder,

@@ -24,17 +24,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minillm_rl.checkpointing import checkpoint_problem, checkpoint_tags, read_manifest_summary
-from minillm_rl.checkpointing import checkpoint_tag, parse_checkpoint_tag
-from minillm_rl.rounds import (
+from minillm_rl.runtime.checkpointing import checkpoint_problem, checkpoint_tags, read_manifest_summary
+from minillm_rl.runtime.checkpointing import checkpoint_tag, parse_checkpoint_tag
+from minillm_rl.runtime.rounds import (
     canonical_order,
     concat_rollouts,
     crossed_interval,
     round_prompt_indices,
     split_evenly,
 )
-from minillm_rl.replay import ReplayItem
-from minillm_rl.rollout.sampler import Rollout
+from minillm_rl.runtime.replay import ReplayItem
+from minillm_rl.algorithm.sampler import Rollout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_assets import write_assets
@@ -351,9 +351,9 @@ def test_sft_only_validation_is_generated_by_both_zero3_ranks(assets, tmp_path):
     with its ZeRO-3 module (collective forwards); the logged Rouge-L at the end equals the one of
     ``final/`` generated here with the same shares and per-rank seeds."""
     from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-    from minillm_rl.evaluation import EvalConfig, evaluate, generate_responses
+    from minillm_rl.evaluation.protocol import EvalConfig, evaluate, generate_responses
     from minillm_rl.models import load_causal_lm, load_tokenizer
-    from minillm_rl.rounds import derived_seed
+    from minillm_rl.runtime.rounds import derived_seed
 
     out = tmp_path / "run"
     # 7 prompts: rank 1 pads its share with a copy, so both ranks run the same collective forwards.
@@ -394,14 +394,14 @@ def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
     """The first logged loss (before any update) must be the loss of the initial student on the
     teacher's targets: seqkd on the teacher's samples (not the human answers), kd with the
     teacher's distribution mixed into the CE."""
-    from minillm_rl.batching import collate_supervised
-    from minillm_rl.rounds import derived_seed, epoch_order, split_evenly
+    from minillm_rl.algorithm.batching import collate_supervised
+    from minillm_rl.runtime.rounds import derived_seed, epoch_order, split_evenly
     from minillm_rl.data import load_instructions, split_validation, tokenize_examples
-    from minillm_rl.forward import response_logits
+    from minillm_rl.algorithm.forward import response_logits
     from minillm_rl.models import load_causal_lm, load_tokenizer
-    from minillm_rl.rollout.sampler import SamplingConfig
-    from minillm_rl.rollout.worker import RolloutWorker
-    from minillm_rl.trainer.sft import supervised_micro_batch_loss
+    from minillm_rl.algorithm.sampler import SamplingConfig
+    from minillm_rl.runtime.rollout.worker import RolloutWorker
+    from minillm_rl.algorithm.supervised import supervised_micro_batch_loss
 
     out = tmp_path / "run"
     _check_ok(_train(assets, out, "runtime.num_learners=1", f"train.phases=[{phase}]"))

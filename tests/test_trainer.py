@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from exact import reverse_kl
-from minillm_rl.advantages import AdvantageConfig
-from minillm_rl.batching import collate_supervised, left_pad
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.advantages import AdvantageConfig
+from minillm_rl.algorithm.batching import collate_supervised, left_pad
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.engine import TorchEngine, lr_factor
-from minillm_rl.losses import pt_loss
-from minillm_rl.trainer.minillm import (
+from minillm_rl.algorithm.engine import TorchEngine, lr_factor
+from minillm_rl.algorithm.losses import pt_loss
+from minillm_rl.algorithm.ppo import (
     MiniLLMLossConfig,
     PretrainBatch,
     minillm_micro_batch_loss,
     ppo_round,
 )
-from minillm_rl.trainer.sft import supervised_micro_batch_loss, validation_loss
+from minillm_rl.algorithm.supervised import supervised_micro_batch_loss, validation_loss
 
 EOS = 1  # the tiny models' eos_token_id (tests/conftest.py)
 

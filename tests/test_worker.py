@@ -19,13 +19,13 @@ import torch
 from conftest import make_tiny_lm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minillm_rl.batching import left_pad
-from minillm_rl.evaluation import EvalConfig, generate_responses
+from minillm_rl.algorithm.batching import left_pad
+from minillm_rl.evaluation.protocol import EvalConfig, generate_responses
 from minillm_rl.models import load_causal_lm, load_tokenizer
-from minillm_rl.replay import make_replay_store_actor, take_blocking
-from minillm_rl.rollout.sampler import SamplingConfig, sample_rollouts
-from minillm_rl.rollout.client import generate_texts_on_workers
-from minillm_rl.rollout.worker import (
+from minillm_rl.runtime.replay import make_replay_store_actor, take_blocking
+from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
+from minillm_rl.runtime.rollout.client import generate_texts_on_workers
+from minillm_rl.runtime.rollout.worker import (
     LAUNCHER_ENV_VARS,
     UNSYNCED_VERSION,
     RolloutWorker,
@@ -34,7 +34,7 @@ from minillm_rl.rollout.worker import (
     call_with_timeout,
     make_rollout_worker,
 )
-from minillm_rl.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
+from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
 
 ray = pytest.importorskip("ray")
 

@@ -2,7 +2,7 @@
 ``MINILLM_TEST_HANG_GENERATE_S`` set, every process (Ray actors inherit both from the run that
 starts Ray) patches ``RolloutWorker.generate`` to sleep that long first: a stuck rollout worker
 without a hook in the production code. Python imports ``sitecustomize`` at start-up; the patch is
-applied when ``minillm_rl.rollout.worker`` is first imported."""
+applied when ``minillm_rl.runtime.rollout.worker`` is first imported."""
 
 import importlib.abc
 import importlib.util
@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-_MODULE = "minillm_rl.rollout.worker"
+_MODULE = "minillm_rl.runtime.rollout.worker"
 _DELAY = os.environ.get("MINILLM_TEST_HANG_GENERATE_S")
 
 

@@ -20,9 +20,9 @@ from typing import IO, Any
 import torch
 from transformers import GenerationConfig
 
-from minillm_rl.batching import left_pad
+from minillm_rl.algorithm.batching import left_pad
 from minillm_rl.data import TokenizedExample
-from minillm_rl.metrics import exact_match_scores, rouge_l_scores
+from minillm_rl.evaluation.metrics import exact_match_scores, rouge_l_scores
 from minillm_rl.tracking import write_atomic
 
 TEST_SEEDS = (10, 20, 30, 40, 50)

@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from minillm_rl.evaluation import EvalConfig, evaluate_on_data
+    from minillm_rl.evaluation.protocol import EvalConfig, evaluate_on_data
 
     cfg = EvalConfig.test(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seeds=args.seeds)
     cfg = dataclasses.replace(cfg, temperature=args.temperature, no_repeat_ngram_size=args.no_repeat_ngram_size)
@@ -52,14 +52,22 @@ def _train(args: argparse.Namespace) -> int:
     from minillm_rl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    resume = args.resume if args.resume is not None else cfg.output.resume
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if cfg.runtime.num_learners > 1 and not launched:
-        from minillm_rl.launch import relaunch_under_deepspeed
+    inputs = None
+    if not launched:
+        # Bad input is refused here, before any rank starts and before anything is written;
+        # under a launcher every rank is a CLI process and checks the same in TrainingRun.
+        from minillm_rl.runtime.inputs import check_run_inputs
 
-        return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:])
-    from minillm_rl.coordinator import run_training
+        inputs = check_run_inputs(cfg, resume, cfg.runtime.num_learners)
+        if cfg.runtime.num_learners > 1:
+            from minillm_rl.cli.launch import relaunch_under_deepspeed
 
-    return run_training(cfg, args.resume)
+            return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:])
+    from minillm_rl.runtime.coordinator import run_training
+
+    return run_training(cfg, resume, inputs)
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -76,7 +84,7 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from minillm_rl.report import build_report
+    from minillm_rl.evaluation.report import build_report
 
     report = build_report(args.runs, args.out)
     print(report.table)
@@ -86,7 +94,7 @@ def _report(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     import json
 
-    from minillm_rl.plan import build_plan, execute, placeholder_cluster, read_hostfile, render_text
+    from minillm_rl.cli.plan import build_plan, execute, placeholder_cluster, read_hostfile, render_text
 
     cluster = read_hostfile(args.hostfile) if args.hostfile else placeholder_cluster(args.nodes, args.gpus_per_node)
     plan = build_plan(args.config, args.overrides, cluster, args.eval_split, args.eval_data)
@@ -189,6 +197,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     return code or 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

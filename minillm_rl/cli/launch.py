@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from minillm_rl.learner import _free_port
-from minillm_rl.preemption import rank_pids, run_forwarding_signals
+from minillm_rl.runtime.learner import _free_port
+from minillm_rl.runtime.preemption import rank_pids, run_forwarding_signals
 
 
 def relaunch_under_deepspeed(num_learners: int, cli_args: list[str]) -> int:
     """Run this CLI again as ``num_learners`` ranks under the ``deepspeed`` launcher on this
     machine (``DS_ACCELERATOR=cpu`` and one rank per core slot when there is no GPU); returns
     the launcher's exit code (3 when the ranks stopped for preemption: SIGTERM / SIGUSR1 sent to
-    this process are forwarded to the ranks, see :func:`~minillm_rl.preemption.run_forwarding_signals`)."""
+    this process are forwarded to the ranks, see :func:`~minillm_rl.runtime.preemption.run_forwarding_signals`)."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    script = str(Path(__file__).with_name("cli.py"))
+    script = str(Path(__file__).with_name("__main__.py"))
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_learners),
                "--master_port", str(_free_port()), script, *cli_args]
     return run_forwarding_signals(command, env, functools.partial(rank_pids, script=script))

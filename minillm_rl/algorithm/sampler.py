@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from minillm_rl.forward import position_ids_from_mask, response_logits
-from minillm_rl.logits import process_logits
+from minillm_rl.algorithm.forward import position_ids_from_mask, response_logits
+from minillm_rl.algorithm.logits import process_logits
 
 
 @dataclass

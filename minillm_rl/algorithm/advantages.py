@@ -211,7 +211,7 @@ def compute_advantages(
 
     Args:
         rollout: anything with ``teacher_logprobs_raw``, ``student_logprobs`` and
-            ``response_mask`` ``[B, T]`` attributes (e.g. :class:`minillm_rl.rollout.sampler.Rollout`).
+            ``response_mask`` ``[B, T]`` attributes (e.g. :class:`minillm_rl.algorithm.sampler.Rollout`).
         cfg: defaults to the reference settings.
         group: process group for the whitening statistics (default: the world).
 

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from minillm_rl.errors import RunFailed
-from minillm_rl.replay import COUNTERS, ReplayItem
-from minillm_rl.rollout.sampler import SamplingConfig
-from minillm_rl.rollout.worker import (
+from minillm_rl.runtime.replay import COUNTERS, ReplayItem
+from minillm_rl.algorithm.sampler import SamplingConfig
+from minillm_rl.runtime.rollout.worker import (
     ActorDied,
     StaleWeights,
     broadcast_student_weights,
@@ -177,8 +177,8 @@ class RolloutClient:
     store restarts (see the module docstring).
 
     Args:
-        workers: rollout worker actor handles (:func:`~minillm_rl.rollout.worker.make_rollout_worker`).
-        store: the replay store actor (:func:`~minillm_rl.replay.make_replay_store_actor`).
+        workers: rollout worker actor handles (:func:`~minillm_rl.runtime.rollout.worker.make_rollout_worker`).
+        store: the replay store actor (:func:`~minillm_rl.runtime.replay.make_replay_store_actor`).
         sampling: the sampling settings of every round.
         current_weights: returns ``(model or payload, version)``, the learner's current student.
         rpc_timeout_s: limit of every actor call and of each shard attempt.

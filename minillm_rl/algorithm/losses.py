@@ -1,6 +1,6 @@
 """MiniLLM losses (algorithm.md §4-§5) as pure tensor functions.
 
-Full-vocabulary terms use the chunked autograd functions of :mod:`minillm_rl.chunked_vocab`
+Full-vocabulary terms use the chunked autograd functions of :mod:`minillm_rl.algorithm.chunked_vocab`
 (no extra ``[B, T, V]`` float tensors). "Mean over valid tokens" is ``sum(x * mask) / sum(mask)``
 (0 when nothing is valid). Stats are plain floats for logging.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from minillm_rl.advantages import masked_mean
-from minillm_rl.chunked_vocab import (
+from minillm_rl.algorithm.advantages import masked_mean
+from minillm_rl.algorithm.chunked_vocab import (
     DEFAULT_CHUNK_SIZE,
     check_aligned,
     check_logits,

@@ -9,7 +9,7 @@ and only ``load_student_weights`` sets a real version. Ray restarts a killed act
 constructor again, so a restarted worker reports -1 from :meth:`RolloutWorker.policy_version`;
 the coordinator re-sends the current weights. A call retried by Ray on the restarted actor then
 fails the version check instead of generating with the wrong weights; that is why
-:class:`~minillm_rl.rollout.client.RolloutClient` launches ``generate_into`` with
+:class:`~minillm_rl.runtime.rollout.client.RolloutClient` launches ``generate_into`` with
 ``max_task_retries=0`` and re-launches it itself after the re-sync. Read-only calls and
 ``load_student_weights`` (idempotent) keep Ray's retries.
 """
@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from minillm_rl.batching import left_pad
+from minillm_rl.algorithm.batching import left_pad
 from minillm_rl.errors import RunFailed
-from minillm_rl.evaluation import EvalConfig, generate_responses
-from minillm_rl.forward import position_ids_from_mask
+from minillm_rl.evaluation.protocol import EvalConfig, generate_responses
+from minillm_rl.algorithm.forward import position_ids_from_mask
 from minillm_rl.models import load_causal_lm, load_tokenizer
-from minillm_rl.replay import put_blocking
-from minillm_rl.rollout.sampler import Rollout, SamplingConfig, sample_rollouts
-from minillm_rl.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
+from minillm_rl.runtime.replay import put_blocking
+from minillm_rl.algorithm.sampler import Rollout, SamplingConfig, sample_rollouts
+from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
 
 UNSYNCED_VERSION = -1
 
@@ -134,7 +134,7 @@ class RolloutWorker:
                 "launcher_env": {key: os.environ[key] for key in LAUNCHER_ENV_VARS if key in os.environ}}
 
     def student_checksum(self) -> str:
-        """Checksum of the student's current weights (see :mod:`minillm_rl.weights`)."""
+        """Checksum of the student's current weights (see :mod:`minillm_rl.runtime.weights`)."""
         return payload_checksum(self.student)
 
     def load_student_weights(self, payload: WeightPayload | Sequence[Any], version: int, checksum: str,

@@ -33,7 +33,7 @@ from minillm_rl.config import PHASES_USING_TEACHER, RunConfig, load_config
 GIB = 2**30
 RAY_PORT = 6379
 MASTER_PORT = 29500
-DEFAULT_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "model_configs"
+DEFAULT_MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DS_SUB_GROUP_SIZE_DEFAULT = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
 
@@ -260,8 +260,7 @@ def _global_batches(cfg: RunConfig) -> dict[str, tuple[int, Any]]:
 def resolved_ds_configs(cfg: RunConfig, world_size: int) -> dict[str, dict[str, Any]]:
     """The DeepSpeed config each phase's learners will build (the learner's own resolution), so a
     world size the batches cannot be split over, or a contradicting file, is refused here."""
-    from minillm_rl.coordinator import DEFAULT_DS_CONFIG
-    from minillm_rl.learner import resolve_ds_config
+    from minillm_rl.runtime.learner import DEFAULT_DS_CONFIG, resolve_ds_config
 
     if "minillm" in cfg.train.phases:
         cfg.check_world_size(world_size)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from minillm_rl.evaluation import markdown_table
+from minillm_rl.evaluation.protocol import markdown_table
 from minillm_rl.tracking import atomic_write_text, write_atomic
 
 METHOD_NAMES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minillm_rl.replay import ReplayItem
-from minillm_rl.rollout.sampler import Rollout
+from minillm_rl.runtime.replay import ReplayItem
+from minillm_rl.algorithm.sampler import Rollout
 
 # Rollout fields padded on the left (prompts) and the ids padded with the pad token, not 0.
 _LEFT_PADDED = ("prompt_ids", "prompt_mask")

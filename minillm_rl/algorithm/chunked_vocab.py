@@ -11,7 +11,7 @@ and writes the closed-form gradient:
 
 Blocks are slices ``logits[b0:b1, t0:t1]`` of the caller's tensor, so the (usually strided)
 response slice of the model's logits is never copied as a whole. The losses built on these are in
-:mod:`minillm_rl.losses`.
+:mod:`minillm_rl.algorithm.losses`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm_rl.logits import process_logits
+from minillm_rl.algorithm.logits import process_logits
 
 __all__ = [
     "check_aligned",
@@ -282,7 +282,7 @@ def token_logprobs(
     Args:
         logits: ``[B, T, V]`` raw logits (row ``t`` predicts ``token_ids[:, t]``).
         token_ids: ``[B, T]`` long, in ``[0, V)``.
-        temperature, top_k, top_p: the sampler's processing (:func:`minillm_rl.logits.process_logits`);
+        temperature, top_k, top_p: the sampler's processing (:func:`minillm_rl.algorithm.logits.process_logits`);
             a token filtered out by top-k/top-p gets ``-inf``.
 
     Returns:

@@ -1,11 +1,11 @@
 """The DeepSpeed learner: process-group start-up, the ZeRO engine over the student, data-parallel
 MiniLLM rounds, weight export and checkpoints.
 
-The training loops in :mod:`minillm_rl.trainer` only talk to an engine's ``backward`` / ``step``,
+The training loops in :mod:`minillm_rl.algorithm.ppo` and :mod:`minillm_rl.algorithm.supervised` only talk to an engine's ``backward`` / ``step``,
 so the DeepSpeed engine built here runs the same loss code as the single-process
-:class:`~minillm_rl.trainer.engine.TorchEngine`.
+:class:`~minillm_rl.algorithm.engine.TorchEngine`.
 
-Data parallelism (:func:`minillm_rl.trainer.minillm.ppo_round`): every rank holds the whole round of rollouts and
+Data parallelism (:func:`minillm_rl.algorithm.ppo.ppo_round`): every rank holds the whole round of rollouts and
 draws the same seeded global permutation; a global micro-batch of ``W * m`` rows (``W`` ranks,
 micro-batch ``m`` per rank) is split across the ranks, and each rank's token-mean loss is scaled
 by ``its valid tokens * W / all valid tokens of the global micro-batch``. DeepSpeed averages the
@@ -31,13 +31,17 @@ import torch
 import torch.distributed as dist
 
 from minillm_rl.config import OptimConfig
-from minillm_rl.trainer.engine import lr_factor, make_adamw
-from minillm_rl.trainer.minillm import rank_and_world as _rank_and_world
+from minillm_rl.algorithm.engine import lr_factor, make_adamw
+from minillm_rl.algorithm.ppo import rank_and_world as _rank_and_world
 
 DEFAULT_EXPORT_BUCKET_NUMEL = 50_000_000  # 200 MB of fp32 gathered at a time under ZeRO-3
 # DeepSpeed merges client_state into its own checkpoint dict (keys like "global_steps", "module"),
 # so the caller's state travels under one key of its own and cannot clobber or be filtered out.
 CLIENT_STATE_KEY = "minillm_rl_client_state"
+
+# Used when runtime.deepspeed_config is not set: ZeRO-2 in fp32, which runs on CPU and GPU.
+DEFAULT_DS_CONFIG = {"gradient_accumulation_steps": 1, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+                     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +186,9 @@ def zero3_construction(ds_config: Mapping[str, Any]) -> Iterator[None]:
 def build_engine(model: torch.nn.Module, ds_config: str | os.PathLike | Mapping[str, Any], optim: OptimConfig,
                  micro_batch_size: int, total_steps: int = 0):
     """``deepspeed.initialize`` over ``model`` with AdamW and the warm-up + constant/cosine
-    schedule of :func:`~minillm_rl.trainer.engine.lr_factor` (the TorchEngine's, step for step).
+    schedule of :func:`~minillm_rl.algorithm.engine.lr_factor` (the TorchEngine's, step for step).
 
-    torch's fused AdamW (:func:`~minillm_rl.trainer.engine.make_adamw`, not DeepSpeed's fused/CPU
+    torch's fused AdamW (:func:`~minillm_rl.algorithm.engine.make_adamw`, not DeepSpeed's fused/CPU
     Adam) keeps the math identical to the single-process engine and needs no compiled op; configs that offload the optimizer set
     ``zero_force_ds_cpu_optimizer: false`` to allow it. Call :func:`init_distributed` first.
     """

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm_rl.advantages import AdvantageConfig, compute_advantages, importance_weights, masked_mean
+from minillm_rl.algorithm.advantages import AdvantageConfig, compute_advantages, importance_weights, masked_mean
 from minillm_rl.errors import RunFailed
-from minillm_rl.forward import response_logits
-from minillm_rl.losses import minillm_loss, pt_loss
-from minillm_rl.rollout.sampler import Rollout, SamplingConfig
+from minillm_rl.algorithm.forward import response_logits
+from minillm_rl.algorithm.losses import minillm_loss, pt_loss
+from minillm_rl.algorithm.sampler import Rollout, SamplingConfig
 
 
 @dataclass
@@ -66,7 +66,7 @@ class PretrainBatch:
 def pretrain_micro_batch_loss(model: torch.nn.Module, batch: PretrainBatch,
                               kd_ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
     """``L_pt`` on ``batch``: ``(1 - kd_ratio)`` next-token CE ``+ kd_ratio`` soft CE to the teacher
-    (:func:`~minillm_rl.losses.pt_loss`); the plain CE when the batch has no teacher."""
+    (:func:`~minillm_rl.algorithm.losses.pt_loss`); the plain CE when the batch has no teacher."""
     logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1]
     topk = None if batch.teacher_topk_logprobs is None else (batch.teacher_topk_logprobs, batch.teacher_topk_ids)
     has_teacher = batch.teacher_logprobs is not None or topk is not None

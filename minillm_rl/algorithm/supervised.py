@@ -9,9 +9,9 @@ from collections.abc import Iterable
 
 import torch
 
-from minillm_rl.batching import SupervisedBatch
-from minillm_rl.forward import response_logits
-from minillm_rl.losses import kd_loss, sft_loss
+from minillm_rl.algorithm.batching import SupervisedBatch
+from minillm_rl.algorithm.forward import response_logits
+from minillm_rl.algorithm.losses import kd_loss, sft_loss
 
 
 def supervised_micro_batch_loss(

@@ -1,0 +1,2 @@
+"""Evaluation: generation under a protocol and Rouge-L / exact match (``protocol``, ``metrics``),
+and comparison reports with curves (``report``)."""

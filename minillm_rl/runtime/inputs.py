@@ -1,0 +1,158 @@
+"""A run's inputs, loaded and checked before anything is written or any rank is started.
+
+``minillm-rl train`` calls :func:`check_run_inputs` in the CLI process, before it re-launches
+itself under ``deepspeed`` and before the output directory exists, so bad input (a missing model,
+mismatched tokenizers, malformed data, an unwritable output directory, a resume target that is
+not a checkpoint) is one line and exit code 2 with nothing created. Every learner rank then
+loads the same inputs again with :func:`load_run_inputs` (data order is a pure function of the
+config, so ranks agree without talking).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minillm_rl.config import RunConfig
+from minillm_rl.data import TokenizedExample, load_instructions, split_validation, tokenize_examples
+from minillm_rl.data.prepared import is_prepared_dir, load_prepared, load_prepared_pretrain
+from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
+from minillm_rl.models import check_model_files, check_tokenizers_compatible, load_tokenizer
+from minillm_rl.runtime.checkpointing import resume_source
+
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+@dataclass
+class RunInputs:
+    """What every phase reads: the shared tokenizer, the split and tokenised instruction data,
+    the validation references (decoded responses) and the PT corpus blocks
+    (``[num_blocks, block_size]``, or ``None`` without a PT term)."""
+
+    tokenizer: object
+    pad_token_id: int
+    train_examples: list[TokenizedExample]
+    valid_examples: list[TokenizedExample]
+    references: list[list[str]]
+    pretrain_blocks: torch.Tensor | None
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """Batches count rows over all learner ranks, so each must split evenly over them."""
+    for dotted, batch in (("train.micro_batch_size", cfg.train.micro_batch_size),
+                          ("sft.batch_size", cfg.sft.batch_size)):
+        if batch % world_size:
+            raise ValueError(f"{dotted}={batch} must be a multiple of the number of learner ranks "
+                             f"({world_size}); it counts rows over all ranks")
+
+
+def load_tokenizers(cfg: RunConfig):
+    """The student's tokenizer, after checking that the teacher (when the recipe has one) has
+    weights and the same tokenizer."""
+    model = cfg.model
+    student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
+    if model.teacher:
+        try:
+            check_model_files(model.teacher, model.teacher_gguf_file)  # the workers load it, later
+        except ValueError as err:
+            raise ValueError(f"model.teacher: {err}") from None
+        teacher = load_tokenizer(model.teacher, gguf_file=model.teacher_gguf_file)
+        try:
+            check_tokenizers_compatible(teacher, student)
+        except ValueError as err:
+            raise ValueError(f"model.teacher / model.student: {err}; MiniLLM needs one shared tokenizer") from None
+    return student
+
+
+def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """``(train, validation)`` tokenised examples, from a prepared dataset or the raw source."""
+    data = cfg.data
+    if is_prepared_dir(data.train):  # `minillm-rl prepare-data` output: already split and tokenised
+        return load_prepared(data.train, tokenizer, data)
+    loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records)
+    if len(loaded.examples) <= data.num_validation:
+        raise ValueError(f"data.num_validation={data.num_validation} leaves no training examples "
+                         f"({data.train} has {len(loaded.examples)})")
+    train, valid = split_validation(loaded.examples, data.num_validation, data.split_seed)
+    budgets = (data.max_prompt_tokens, data.max_length - data.max_prompt_tokens)
+    train, _ = tokenize_examples(train, tokenizer, *budgets, template=data.template)
+    valid, _ = tokenize_examples(valid, tokenizer, *budgets, template=data.template)
+    if not train or not valid:
+        raise ValueError(f"data.train: {data.train} has no example whose prompt fits data.max_prompt_tokens="
+                         f"{data.max_prompt_tokens} in the {'training' if not train else 'validation'} split")
+    return train, valid
+
+
+def load_pretrain_blocks(cfg: RunConfig, tokenizer) -> torch.Tensor | None:
+    """The PT term's corpus blocks ``[num_blocks, block_size]`` (minillm phase with
+    ``loss.lm_coef > 0``; from the prepared dataset or ``data.pretrain_corpus``), or None."""
+    data = cfg.data
+    prepared = load_prepared_pretrain(data.train) if is_prepared_dir(data.train) else None
+    if prepared is not None and data.pretrain_corpus:
+        raise ValueError(f"data.pretrain_corpus: data.train ({data.train}) already has PT blocks; give the "
+                         "corpus in one place")
+    if "minillm" not in cfg.train.phases or cfg.loss.lm_coef == 0 or not (prepared is not None or
+                                                                           data.pretrain_corpus):
+        return None
+    if prepared is not None:
+        return prepared
+    try:
+        return pack_into_blocks(read_text_documents(data.pretrain_corpus), tokenizer, data.max_length)
+    except ValueError as err:
+        raise ValueError(f"data.pretrain_corpus: {err}") from None
+
+
+def load_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
+    """Everything a rank reads before training; ``ValueError`` (one line) on bad input."""
+    check_world_size(cfg, world_size)
+    tokenizer = load_tokenizers(cfg)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train, valid = load_instruction_splits(cfg, tokenizer)
+    references = [[tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()] for e in valid]
+    return RunInputs(tokenizer, pad_token_id, train, valid, references, load_pretrain_blocks(cfg, tokenizer))
+
+
+def check_output_dir(directory: str | os.PathLike) -> None:
+    """``output.dir`` must be a directory or creatable as one. Creation is tried in the nearest
+    existing ancestor with a temporary directory that is removed at once, so the output directory
+    itself is not created here (bad input must leave nothing behind)."""
+    path = Path(directory).expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"output.dir: {directory} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"output.dir: {directory} is not writable")
+        return
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{ancestor} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".minillm-rl-write-check-", dir=ancestor))
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(f"output.dir: cannot create {directory} ({reason} in {ancestor})") from None
+
+
+def check_resume_target(resume: str, checkpoint_dir: Path) -> None:
+    """``--resume`` must name something to resume from (see
+    :func:`~minillm_rl.runtime.checkpointing.resume_source`; its warnings are rank 0's to print)."""
+    resume_source(resume, checkpoint_dir, warn=lambda line: None)
+
+
+def check_run_inputs(cfg: RunConfig, resume: str, world_size: int) -> RunInputs:
+    """Every check the CLI process can make before any rank starts (see the module docstring);
+    returns the loaded inputs (a run in this process reuses them)."""
+    check_output_dir(cfg.output.dir)
+    check_resume_target(resume, Path(cfg.output.dir) / CHECKPOINTS_SUBDIR)
+    try:
+        check_model_files(cfg.model.student, cfg.model.student_gguf_file)
+    except ValueError as err:
+        raise ValueError(f"model.student: {err}") from None
+    return load_run_inputs(cfg, world_size)

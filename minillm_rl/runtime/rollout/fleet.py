@@ -1,0 +1,69 @@
+"""The rollout side of a run on rank 0: Ray, the rollout worker actors and the replay store.
+
+Started once per run by the coordinator when a phase needs the teacher (``kd``, ``seqkd``,
+``minillm``); closed also after a failure, so no actor outlives the run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from minillm_rl.config import RunConfig
+from minillm_rl.models import load_causal_lm, load_tokenizer
+from minillm_rl.runtime.rollout.worker import call_with_timeout, make_rollout_worker
+
+
+class RolloutFleet:
+    """``workers`` (Ray ``RolloutWorker`` actors, teacher + student copy each) and ``replay`` (the
+    ``ReplayStore`` actor), on a Ray this process joined or started (``runtime.ray_address``)."""
+
+    def __init__(self, cfg: RunConfig):
+        import ray
+
+        from minillm_rl.runtime.replay import make_replay_store_actor
+
+        runtime, model = cfg.runtime, cfg.model
+        self.rpc_timeout_s = runtime.rpc_timeout_s
+        self._ray_started = False
+        if runtime.ray_address == "local":
+            ray.init(num_cpus=runtime.num_rollout_workers * runtime.worker_threads, include_dashboard=False,
+                     log_to_driver=False)
+            self._ray_started = True
+        elif not ray.is_initialized():
+            ray.init(address=runtime.ray_address, log_to_driver=False)
+        dtype = getattr(torch, model.dtype)
+        teacher = functools.partial(load_causal_lm, model.teacher, dtype, model.teacher_gguf_file)
+        student = functools.partial(load_causal_lm, model.student, dtype, model.student_gguf_file)
+        tokenizer = functools.partial(load_tokenizer, model.student, model.student_gguf_file)
+        print(f"minillm-rl: starting {runtime.num_rollout_workers} Ray rollout worker(s) (teacher + student copy "
+              f"each, {runtime.worker_threads} thread(s){f', {runtime.worker_gpus} GPU(s)' if runtime.worker_gpus else ''})"
+              f" and the replay store", flush=True)
+        self.workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
+                                            seed=cfg.train.seed, name=f"rollout-worker-{i}",
+                                            num_gpus=runtime.worker_gpus,
+                                            device="cuda" if runtime.worker_gpus else "cpu")
+                        for i in range(runtime.num_rollout_workers)]
+        self.replay = make_replay_store_actor(runtime.replay_max_samples, runtime.replay_max_bytes)
+
+    def replay_counters(self) -> dict[str, int]:
+        """The replay store's counters, saved in checkpoints."""
+        return call_with_timeout(self.replay.state_dict.remote(), self.rpc_timeout_s, "replay.state_dict")
+
+    def restore_replay_counters(self, counters: dict[str, int]) -> None:
+        call_with_timeout(self.replay.load_state_dict.remote(counters), self.rpc_timeout_s, "replay.load_state_dict")
+
+    def replay_stats(self) -> dict[str, int]:
+        return call_with_timeout(self.replay.stats.remote(), self.rpc_timeout_s, "replay.stats")
+
+    def close(self) -> None:
+        """Kill the actors without restart (a stuck worker stops generating; on a shared cluster
+        they would outlive this process otherwise) and shut down a Ray this run started."""
+        import ray
+
+        for actor in [*self.workers, *([self.replay] if self.replay is not None else [])]:
+            ray.kill(actor, no_restart=True)
+        self.workers, self.replay = [], None
+        if self._ray_started:
+            ray.shutdown()

@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
-        "transformers>=4.46",
+        "transformers>=5.24,<6",  # 5.24: the KV cache argument is `cache` (past_key_values goes in 5.40)
         "datasets>=2.18",
         "ray[default]>=2.9",
         "rouge-score>=0.1.2",

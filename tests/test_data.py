@@ -133,6 +133,33 @@ SHAREGPT_RECORDS = [
 ]
 
 
+@pytest.mark.parametrize("form", ["jsonl", "json", "sharegpt truncated", "text corpus"])
+def test_a_utf8_byte_order_mark_is_read_not_refused(tmp_path, form):
+    """Files written by common Windows tools start with a BOM (legal UTF-8): every loader reads
+    them exactly as the same file without it."""
+    if form == "jsonl":
+        text, load = "".join(json.dumps(r) + "\n" for r in DOLLY_RECORDS), load_jsonl
+    elif form == "json":
+        text, load = json.dumps(DOLLY_RECORDS), load_json_array
+    elif form == "sharegpt truncated":
+        text, load = json.dumps(SHAREGPT_RECORDS, indent=1)[:-20], load_json_array
+    else:
+        text, load = "one document\nof plain text\n", lambda path: read_text_documents([path])
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_bytes(text.encode("utf-8"))
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    if form != "text corpus":
+        plain, marked = plain.rename(plain.with_suffix(".data")), marked.rename(marked.with_suffix(".data"))
+    expected, got = load(plain), load(marked)
+    if form == "text corpus":
+        assert got == expected and not got[0].startswith("\ufeff")
+    else:
+        def fields(loaded):  # the source names file:line; the line must match too
+            return [(e.instruction, e.input, e.response, e.source.rsplit(":", 1)[1]) for e in loaded.examples]
+        assert fields(got) == fields(expected) and got.examples
+        assert not got.examples[0].instruction.startswith("\ufeff")
+
+
 def test_sharegpt_first_human_assistant_turn(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(SHAREGPT_RECORDS, indent=1))

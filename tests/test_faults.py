@@ -338,6 +338,40 @@ BAD_INPUTS = {
 }
 
 
+class PastTheChecks(Exception):
+    """Raised where a run would start: the input checks let it through."""
+
+
+def _stop_past_the_input_checks(monkeypatch, case: str) -> None:
+    """The re-launch under deepspeed, the learner process group, Ray and the run raise
+    :class:`PastTheChecks` instead of starting."""
+    from minillm_rl.cli import launch
+    from minillm_rl.runtime import coordinator, run
+    from minillm_rl.runtime.rollout import fleet
+
+    def past_the_checks(*args, **kwargs):
+        raise PastTheChecks(f"{case}: the run got past the input checks")
+
+    monkeypatch.setattr(coordinator, "init_distributed", lambda timeout_s: (0, 1))
+    monkeypatch.setattr(fleet.RolloutFleet, "__init__", past_the_checks)
+    monkeypatch.setattr(run.TrainingRun, "__init__", past_the_checks)
+    monkeypatch.setattr(coordinator, "run_phases", past_the_checks)
+    monkeypatch.setattr(launch, "relaunch_under_deepspeed", past_the_checks)
+
+
+def test_data_with_a_byte_order_mark_is_accepted(assets, tmp_path, monkeypatch):
+    """The same checks accept a jsonl that starts with a UTF-8 BOM (Windows tools write one)."""
+    from minillm_rl import cli
+
+    _stop_past_the_input_checks(monkeypatch, "BOM")
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + _GOOD_RECORD.encode() * 4)
+    argv, _ = _train_command(assets, tmp_path / "run", "runtime.num_learners=2", f"data.train={data}",
+                             "data.num_validation=2")
+    with pytest.raises(PastTheChecks):
+        cli.main(argv[argv.index("train"):])
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_the_output_dir_is_never_created(case, assets, tmp_path, capsys,
                                                                           monkeypatch):
@@ -346,18 +380,8 @@ def test_bad_input_is_one_line_exit_2_and_the_output_dir_is_never_created(case, 
     group, Ray and the run itself are stubbed out: every check must fire in the CLI process,
     before any rank would start."""
     from minillm_rl import cli
-    from minillm_rl.cli import launch
-    from minillm_rl.runtime import coordinator, run
-    from minillm_rl.runtime.rollout import fleet
 
-    def past_the_checks(*args, **kwargs):
-        raise AssertionError(f"{case}: the run got past the input checks")
-
-    monkeypatch.setattr(coordinator, "init_distributed", lambda timeout_s: (0, 1))
-    monkeypatch.setattr(fleet.RolloutFleet, "__init__", past_the_checks)
-    monkeypatch.setattr(run.TrainingRun, "__init__", past_the_checks)
-    monkeypatch.setattr(coordinator, "run_phases", past_the_checks)
-    monkeypatch.setattr(launch, "relaunch_under_deepspeed", past_the_checks)
+    _stop_past_the_input_checks(monkeypatch, case)
     make_overrides, expected = BAD_INPUTS[case]
     out = tmp_path / "run"
     argv, _ = _train_command(assets, out, "runtime.num_learners=2", *make_overrides(assets, tmp_path))

@@ -153,6 +153,23 @@ def test_records_match_teacher_forcing(arch, alpha, teacher_dist, temperature, t
     _check_against_teacher_forcing(rollout, student, teacher, cfg)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_decoding_uses_no_deprecated_transformers_api(arch):
+    """transformers 5.24 renamed the KV-cache argument (``past_key_values`` -> ``cache``) and
+    removes the old name in 5.40; the sampler must call the supported API (no warning per step)."""
+    import warnings
+
+    teacher, student = _teacher_student(arch)
+    prompt_ids, prompt_mask = _ragged_prompts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample_rollouts(student, teacher, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=MAX_NEW),
+                        eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    deprecations = [str(w.message) for w in caught
+                    if issubclass(w.category, (DeprecationWarning, FutureWarning)) or "deprecat" in str(w.message)]
+    assert deprecations == []
+
+
 def test_alpha_zero_fast_path_equals_mixed_path():
     """The student-only decode + one teacher pass records what step-by-step mixing records."""
     teacher, student = _teacher_student("llama")

@@ -199,7 +199,7 @@ class _CachedDecoder:
         self.cache = DynamicCache(config=model.config)
         self.head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                    cache=self.cache, use_cache=True, logits_to_keep=1,
                     output_hidden_states=prompt_ids.device.type == "cpu")
         self.next_logits = out.logits[:, -1]
         if out.hidden_states is not None:
@@ -207,7 +207,7 @@ class _CachedDecoder:
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         inputs = {"input_ids": tokens.unsqueeze(-1), "attention_mask": attention_mask, "position_ids": position_ids,
-                  "past_key_values": self.cache, "use_cache": True}
+                  "cache": self.cache, "use_cache": True}
         if self.head is None:
             self.next_logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
             return

@@ -192,7 +192,8 @@ def load_jsonl(path: str | Path, skip_bad: bool = False,
                 break
             where = f"{path}:{line_number}"
             try:
-                line = raw_line.decode("utf-8")
+                # A byte-order mark (written by common Windows tools) is legal UTF-8, not data.
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 collector.skip(BadRecordError(
                     f"{where}: invalid UTF-8 byte 0x{raw_line[err.start]:02x} at column "

@@ -126,3 +126,79 @@ def test_eval_of_a_malformed_data_file_names_file_and_line(teacher_dir, tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{data}:2" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------- eval --teacher (distillation metrics) and report's paired differences
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tiny_lm_factory):
+    tokenizer = word_tokenizer(WORDS)
+    out = tmp_path_factory.mktemp("student")
+    tiny_lm_factory("llama", len(tokenizer), num_layers=2, seed=1, init_std=0.3).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _prompts_file(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    records = [{"instruction": f"say {a} {b}", "context": "", "response": f"{b} {a} world"}
+               for a, b in [("alpha", "beta"), ("gamma", "delta"), ("hello", "world"), ("the", "answer"),
+                            ("is", "alpha"), ("beta", "gamma")]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+def _eval_with_teacher(model, teacher, data, out) -> subprocess.CompletedProcess:
+    return _run("eval", "--model", str(model), "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+                "--max-new-tokens", "6", "--seeds", "1", "2", "--max-prompt-tokens", "64",
+                "--bootstrap-resamples", "200")
+
+
+def test_eval_with_a_teacher_writes_the_metrics_and_report_pairs_two_evals(teacher_dir, student_dir, tmp_path):
+    from minillm_rl.evaluation.protocol import METRICS
+
+    data = _prompts_file(tmp_path)
+    student_out, teacher_out = tmp_path / "student-eval", tmp_path / "teacher-eval"
+    result = _eval_with_teacher(student_dir, teacher_dir, data, student_out)
+    assert result.returncode == 0, result.stderr
+    assert "| reverse KL(q‖p) / token, own answers |" in result.stdout
+    results = json.loads((student_out / "results.json").read_text())
+    assert results["settings"]["teacher"] == {"source": str(teacher_dir), "gguf_file": None}
+    assert results["settings"]["bootstrap"] == {"resamples": 200, "confidence": 0.95, "seed": 0}
+    assert list(results["metrics"]) == list(METRICS) and len(results["prompt_keys"]) == 6
+    assert all(len(values) == 6 for values in results["per_prompt"].values())
+    answers = [json.loads(line) for line in (student_out / "answers.jsonl").read_text().splitlines()]
+    for index, answer in enumerate(answers):
+        assert [s["seed"] for s in answer["samples"]] == [1, 2] and answer["teacher_answer"] == \
+            answer["samples"][0]["teacher_answer"]
+        per_answer = [s["metrics"]["reverse_kl"] for s in answer["samples"]]
+        assert min(per_answer) > 0 and results["per_prompt"]["reverse_kl"][index] == pytest.approx(sum(per_answer) / 2)
+    assert "reverse KL(q‖p)" in (student_out / "results.md").read_text()
+
+    # The teacher judged by itself: the same seeds draw the same answers, the KL is 0 and both NLLs agree.
+    result = _eval_with_teacher(teacher_dir, teacher_dir, data, teacher_out)
+    assert result.returncode == 0, result.stderr
+    for line in (teacher_out / "answers.jsonl").read_text().splitlines():
+        for sample in json.loads(line)["samples"]:
+            assert sample["prediction"] == sample["teacher_answer"] and sample["metrics"]["reverse_kl"] == 0.0
+            assert sample["metrics"]["teacher_nll"] == pytest.approx(sample["metrics"]["student_nll_teacher"], abs=1e-6)
+
+    report = _run("report", f"teacher={teacher_out}", f"student={student_out}", "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    assert "| metric | student − teacher |" in report.stdout
+    kl_row = next(line for line in report.stdout.splitlines() if line.startswith("| reverse KL") and "[" in line
+                  and line.count("|") == 3)
+    mean = float(kl_row.split("|")[2].split("[")[0])
+    assert mean == pytest.approx(results["metrics"]["reverse_kl"]["mean"], abs=0.006)  # the teacher's KL is 0
+
+
+def test_a_teacher_with_another_tokenizer_is_one_line(student_dir, tmp_path, tiny_lm_factory):
+    other = tmp_path / "other-teacher"
+    tokenizer = word_tokenizer(["other", "words"])
+    tiny_lm_factory("llama", len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    result = _eval_with_teacher(student_dir, other, _prompts_file(tmp_path), tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"minillm-rl: error: --teacher {other}: tokenizers differ")
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@ and one-line errors for directories it cannot read."""
 from __future__ import annotations
 
 import json
+import random
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import pytest
 import yaml
 
 from minillm_rl.cli import main
-from minillm_rl.evaluation.protocol import EvalResult, write_eval_outputs
+from minillm_rl.evaluation.protocol import METRICS, EvalResult, interval_cell, write_eval_outputs
 from minillm_rl.evaluation.report import build_report, metric_series, read_metrics
+from minillm_rl.evaluation.stats import bootstrap_mean, paired_difference
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -160,6 +163,87 @@ def test_report_cli_prints_table_and_paths(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"\| KD \| 7\.00 ± 0\.00 \| 1\.50 \| 1 × 1 \| 7\.25 \| 5 \|", printed)
     assert str(tmp_path / "out" / "report.md") in printed and str(tmp_path / "out" / "curves.png") in printed
+
+
+# ---------------------------------------------------------------- distillation metrics, paired differences
+
+def _scored_eval(path: Path, per_prompt: dict[str, list[float | None]], prompt_keys: list[str]) -> Path:
+    """An eval directory whose results carry per-prompt values (as `minillm-rl eval` writes them)."""
+    result = _eval_result([10.0], exact=0.0)
+    result.per_prompt, result.prompt_keys = per_prompt, prompt_keys
+    result.metrics = {key: bootstrap_mean(values).to_dict() for key, values in per_prompt.items()}
+    result.settings["bootstrap"] = {"resamples": 1000, "confidence": 0.95, "seed": 0}
+    return write_eval_outputs(result, path)
+
+
+def _per_prompt(seed: int, shift: float, num: int = 30) -> dict[str, list[float | None]]:
+    shared, rng = random.Random(99), random.Random(seed)
+    difficulty = [shared.gauss(0, 1) for _ in range(num)]  # the prompts' difficulty, the same for every run
+    return {"reverse_kl": [2.0 + shift + d + rng.gauss(0, 0.1) for d in difficulty],
+            "distinct_2": [None if i % 7 == 0 else 90.0 + shift + rng.gauss(0, 1) for i in range(num)]}
+
+
+def _cell(table: str, metric: str, column: str) -> str:
+    return _row(table, metric)[_column(table, column)]
+
+
+def test_metrics_table_and_paired_differences_from_per_prompt_values(tmp_path, capsys):
+    keys = [f"{i:016x}" for i in range(30)]
+    teacher = _per_prompt(0, 0.0)
+    del teacher["reverse_kl"]  # the teacher evaluated without --teacher: no reverse KL of its own
+    sft, minillm_a, minillm_b = _per_prompt(1, 0.5), _per_prompt(2, -0.4), _per_prompt(3, -0.2)
+    runs = [f"teacher={_scored_eval(tmp_path / 't', teacher, keys)}", f"SFT={_scored_eval(tmp_path / 's', sft, keys)}",
+            f"MiniLLM={_scored_eval(tmp_path / 'm1', minillm_a, keys)}",
+            f"MiniLLM={_scored_eval(tmp_path / 'm2', minillm_b, keys)}"]
+    report = build_report(runs, tmp_path / "report", baseline="SFT")
+    kl, distinct = METRICS["reverse_kl"], METRICS["distinct_2"]
+    # The two MiniLLM runs are averaged prompt by prompt, then bootstrapped over prompts.
+    merged = {key: [(a + b) / 2 if a is not None else None for a, b in zip(minillm_a[key], minillm_b[key])]
+              for key in minillm_a}
+    assert _cell(report.metrics_table, kl, "MiniLLM") == interval_cell(bootstrap_mean(merged["reverse_kl"]).to_dict())
+    assert _cell(report.metrics_table, kl, "teacher") == ""
+    assert _cell(report.metrics_table, distinct, "teacher") == interval_cell(
+        bootstrap_mean(teacher["distinct_2"]).to_dict())
+    difference = paired_difference(merged["reverse_kl"], sft["reverse_kl"])
+    assert _cell(report.differences_table, kl, "MiniLLM − SFT") == interval_cell(difference.to_dict())
+    # Shared prompt difficulty cancels: the paired interval excludes 0 and is far narrower than
+    # either model's own interval.
+    assert difference.high < 0 and difference.mean == pytest.approx(
+        statistics.fmean(merged["reverse_kl"]) - statistics.fmean(sft["reverse_kl"]))
+    own = bootstrap_mean(sft["reverse_kl"])
+    assert difference.high - difference.low < (own.high - own.low) / 3
+    assert _cell(report.differences_table, kl, "teacher − SFT") == ""  # undefined on one side
+    assert _cell(report.differences_table, distinct, "teacher − SFT") == interval_cell(
+        paired_difference(teacher["distinct_2"], sft["distinct_2"]).to_dict())
+    text = report.report_path.read_text()
+    assert report.metrics_table in text and report.differences_table in text and "over 30 prompts" in text
+    # Default baseline: the first name.
+    assert main(["report", *runs, "--out", str(tmp_path / "default")]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | SFT − teacher | MiniLLM − teacher |" in printed and "| metric | teacher | SFT | MiniLLM |" in printed
+
+
+def test_runs_on_other_prompts_or_an_unknown_baseline_are_one_line_errors(tmp_path, capsys):
+    keys = [f"{i:016x}" for i in range(30)]
+    a = _scored_eval(tmp_path / "a", _per_prompt(1, 0.0), keys)
+    b = _scored_eval(tmp_path / "b", _per_prompt(2, 0.0), keys[:3] + ["ffffffffffffffff"] + keys[4:])
+    short = _scored_eval(tmp_path / "c", {k: v[:29] for k, v in _per_prompt(3, 0.0).items()}, keys[:29])
+    old = write_eval_outputs(_eval_result([10.0], exact=0.0), tmp_path / "old")  # no per-prompt values
+    cases = [([f"A={a}", f"B={b}"], f"{b}: its 30 evaluated prompts differ from the 30 of {a} (first difference "
+                                    "at prompt 3)"),
+             ([f"A={a}", f"C={short}"], f"{short}: its 29 evaluated prompts differ"),
+             ([f"A={a}", f"B={a}", "--baseline", "SFT"], "--baseline SFT: no run of that name has per-prompt "
+                                                          "metrics; expected one of ['A', 'B']"),
+             ([str(old), "--baseline", "SFT"], "--baseline SFT: no run has per-prompt metrics")]
+    for arguments, expected in cases:
+        assert main(["report", *arguments, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("minillm-rl: error: ") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad"
+    _scored_eval(bad, {"reverse_kl": [1.0, 2.0]}, keys)
+    assert main(["report", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "per_prompt['reverse_kl'] is not 30 numbers" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bench/bench_quality.py (plan, resume)

@@ -31,12 +31,16 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from minillm_rl.evaluation.protocol import EvalConfig, evaluate_on_data
+    from minillm_rl.evaluation.protocol import EvalConfig, evaluate_on_data, metrics_table
+    from minillm_rl.evaluation.stats import BootstrapConfig
 
     cfg = EvalConfig.test(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seeds=args.seeds)
     cfg = dataclasses.replace(cfg, temperature=args.temperature, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
     result = evaluate_on_data(args.model, args.data, args.out, cfg, args.template, args.max_prompt_tokens,
-                              args.num_examples, args.split, args.dtype, args.device, args.gguf_file)
+                              args.num_examples, args.split, args.dtype, args.device, args.gguf_file,
+                              args.teacher, args.teacher_gguf_file, bootstrap)
+    print(metrics_table(result))
     print(f"Rouge-L {result.rouge_l:.2f} ± {result.rouge_l_std:.2f}, exact match {result.exact_match:.2f} "
           f"({result.num_examples} examples, seeds {list(cfg.seeds)}) -> {args.out}")
 
@@ -86,8 +90,11 @@ def _prepare_data(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from minillm_rl.evaluation.report import build_report
 
-    report = build_report(args.runs, args.out)
+    report = build_report(args.runs, args.out, baseline=args.baseline)
     print(report.table)
+    for table in (report.metrics_table, report.differences_table):
+        if table:
+            print(table)
     print(f"report: {report.report_path}" + (f"  curves: {report.curves_path}" if report.curves_path else ""))
 
 
@@ -113,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a demo setting, e.g. --set sft_steps=60 (repeatable)")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="generate on instruction data and score Rouge-L / exact match")
+    ev = sub.add_parser("eval", help="generate on instruction data; Rouge-L, exact match, answer statistics and "
+                                     "(with --teacher) distillation metrics, with bootstrap intervals")
     ev.add_argument("--model", required=True, help="HF model directory, hub name, or GGUF directory")
     ev.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     ev.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--no-repeat-ngram-size", type=int, default=6)
+    ev.add_argument("--teacher", default=None,
+                    help="teacher (HF directory, hub name, or GGUF directory) for the reverse KL, teacher NLL and "
+                         "teacher-answer metrics; same tokenizer as --model")
+    ev.add_argument("--teacher-gguf-file", default=None, help="GGUF file name inside --teacher")
+    ev.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamples of the intervals (>= 100)")
+    ev.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
     ev.set_defaults(func=_eval)
 
     train = sub.add_parser("train", help="run a recipe's phases (SFT, MiniLLM) with Ray workers and DeepSpeed learners")
@@ -165,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="comparison table (report.md) + training curves (curves.png) of runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run / demo / eval directory, or NAME=DIR")
     rep.add_argument("--out", default="runs/report", help="output directory (default: runs/report)")
+    rep.add_argument("--baseline", default=None, metavar="NAME",
+                     help="the run name the paired differences are taken against (default: the first name)")
     rep.set_defaults(func=_report)
 
     plan = sub.add_parser("plan", help="roles, GPUs, memory per GPU and exact commands of recipes run in order "

@@ -1,2 +1,3 @@
 """Evaluation: generation under a protocol and Rouge-L / exact match (``protocol``, ``metrics``),
-and comparison reports with curves (``report``)."""
+distillation metrics of the student against a teacher (``distill``), bootstrap intervals over
+prompts (``stats``), and comparison reports with curves and paired differences (``report``)."""

@@ -1,11 +1,13 @@
-"""Evaluation metrics (spec §6): Rouge-L and exact match, max over references, mean x 100."""
+"""Evaluation metrics (spec §6): Rouge-L and exact match (max over references, mean x 100), and
+the shape of an answer's tokens (distinct-n, repeated n-grams, length, EOS)."""
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import unicodedata
-from typing import Sequence
+from typing import Hashable, Sequence
 
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -67,3 +69,47 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
     """Mean exact match x 100 over the examples (0.0 for no examples)."""
     scores = exact_match_scores(predictions, references)
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def distinct_n(tokens: Sequence[Hashable], n: int) -> float:
+    """Share (x 100) of an answer's n-grams that are distinct: ``|set(n-grams)| / |n-grams|``.
+
+    Computed within one answer (Li et al. 2016 pool a whole corpus; per answer it is a per-prompt
+    value that can be bootstrapped). NaN (undefined) when the answer has fewer than ``n`` tokens.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n: n={n}; expected n >= 1")
+    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 100.0 * len(set(ngrams)) / len(ngrams) if ngrams else math.nan
+
+
+def repeated_ngram_rate(tokens: Sequence[Hashable], n: int = 4) -> float:
+    """Share (x 100) of an answer's n-gram positions whose n-gram already occurred at an earlier
+    position of the same answer, i.e. ``100 - distinct_n(tokens, n)`` (every distinct n-gram has
+    exactly one first occurrence). NaN when the answer has fewer than ``n`` tokens.
+
+    With ``n`` = 4 it catches the loops of a degenerate student even under the test protocol's
+    ban of repeated 6-grams.
+    """
+    return 100.0 - distinct_n(tokens, n)
+
+
+def answer_shape_scores(answers: Sequence[Sequence[int]], eos_token_id: int) -> dict[str, list[float]]:
+    """Per answer (generated token ids up to and including the first EOS, if any):
+
+    - ``distinct_1``, ``distinct_2``: :func:`distinct_n` of the tokens before EOS;
+    - ``repeated_4gram_rate``: :func:`repeated_ngram_rate` with ``n = 4``;
+    - ``length``: tokens before EOS;
+    - ``eos_rate``: 100 when the answer ended with EOS (within ``max_new_tokens``), else 0.
+    """
+    scores: dict[str, list[float]] = {"distinct_1": [], "distinct_2": [], "repeated_4gram_rate": [],
+                                      "length": [], "eos_rate": []}
+    for answer in answers:
+        ended = eos_token_id in answer
+        text_tokens = list(answer[: answer.index(eos_token_id)]) if ended else list(answer)
+        scores["distinct_1"].append(distinct_n(text_tokens, 1))
+        scores["distinct_2"].append(distinct_n(text_tokens, 2))
+        scores["repeated_4gram_rate"].append(repeated_ngram_rate(text_tokens, 4))
+        scores["length"].append(float(len(text_tokens)))
+        scores["eos_rate"].append(100.0 if ended else 0.0)
+    return scores

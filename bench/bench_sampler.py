@@ -63,9 +63,13 @@ def left_padded_prompts(tokenizer, texts: list[str], prompt_len: int):
     return ids, mask
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds ``fn`` takes, including the kernels it queued on ``device`` (CUDA runs them
+    asynchronously)."""
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -73,10 +77,11 @@ def bench_batch(teacher, student, tokenizer, texts, args) -> dict[str, float]:
     """Tokens/s of every method at one batch size, from the fastest of ``args.repeats`` runs.
 
     Methods are interleaved within each repeat, and the fastest run is kept because background
-    load on a shared machine only ever adds time.
+    load on a shared machine only ever adds time. Runs on the models' device (CPU or a GPU).
     """
-    prompt_ids, prompt_mask = left_padded_prompts(tokenizer, texts, args.prompt_len)
-    generator = torch.Generator().manual_seed(0)
+    device = student.device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_padded_prompts(tokenizer, texts, args.prompt_len))
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def hf_generate(model, new_tokens):
         # min_new_tokens masks EOS until the length cap: every row produces new_tokens tokens.
@@ -107,7 +112,7 @@ def bench_batch(teacher, student, tokenizer, texts, args) -> dict[str, float]:
     seconds = {name: [] for name in methods(args.new_tokens)}
     for _ in range(args.repeats):
         for name, run in methods(args.new_tokens).items():
-            seconds[name].append(timed(run))
+            seconds[name].append(timed(run, device))
     tokens = len(texts) * args.new_tokens
     return {name: tokens / min(values) for name, values in seconds.items()}
 

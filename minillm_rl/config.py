@@ -184,7 +184,9 @@ class RuntimeConfig:
     replay_max_bytes: int = _bounded(16 * 2**30, low=1)
     worker_threads: int = _bounded(2, low=1)
     # GPUs each rollout worker actor asks Ray for (teacher + student copy on them); 0 = CPU actors.
-    worker_gpus: int = _bounded(0, low=0)
+    # A fraction (0 < x < 1) lets Ray pack several actors on one GPU (e.g. 0.5: two workers, or a
+    # worker beside a learner rank on a single-GPU machine); above 1 only whole GPUs, as Ray places.
+    worker_gpus: float = _bounded(0.0, low=0.0)
     # Validation generation on the rollout workers (split over them) when the run has workers
     # (phases kd, seqkd, minillm); false, or an SFT-only run: split over the learner ranks.
     eval_on_workers: bool = True
@@ -449,6 +451,9 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
     if runtime.replay_max_samples < train.num_rollouts:
         fail("runtime.replay_max_samples", f"must be >= train.num_rollouts ({train.num_rollouts}) or a round "
                                            f"never fits, got {runtime.replay_max_samples}")
+    if runtime.worker_gpus > 1 and not runtime.worker_gpus.is_integer():
+        fail("runtime.worker_gpus", f"must be a fraction of one GPU (0 < x < 1) or a whole number of GPUs, "
+                                    f"got {runtime.worker_gpus:g}")
     address = runtime.ray_address
     if address not in ("local", "auto") and ":" not in address:
         fail("runtime.ray_address", f"expected 'local', 'auto', 'host:port' or 'ray://host:port', got {address!r}")

@@ -47,6 +47,10 @@ class SupervisedBatch:
         """``[B, T]`` response ids with -100 at padding (the CE ignore index)."""
         return self.response_ids.masked_fill(self.response_mask == 0, -100)
 
+    def to(self, device: torch.device | str) -> SupervisedBatch:
+        return SupervisedBatch(*(tensor.to(device) for tensor in (self.prompt_ids, self.prompt_mask,
+                                                                   self.response_ids, self.response_mask)))
+
 
 def collate_supervised(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                        pad_token_id: int) -> SupervisedBatch:

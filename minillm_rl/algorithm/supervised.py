@@ -22,6 +22,12 @@ def supervised_micro_batch_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SFT cross-entropy, or with ``teacher_logits [B, T, V]`` the KD mix
     ``(1 - kd_ratio)·CE + kd_ratio·(−Σ_v p(v) log q(v))``."""
+    # Batches are collated on CPU; the model (a DeepSpeed engine, which does not move its inputs, or
+    # an HF model) may live on a GPU. ppo_round moves its micro-batches the same way.
+    device = getattr(model, "device", torch.device("cpu"))
+    batch = batch.to(device)
+    if isinstance(teacher_logits, torch.Tensor):
+        teacher_logits = teacher_logits.to(device)
     logits = response_logits(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     if teacher_logits is None:
         return sft_loss(logits, batch.labels)

@@ -224,10 +224,11 @@ def placeholder_cluster(nodes: int, gpus_per_node: int) -> Cluster:
 
 
 def place_roles(cluster: Cluster, num_learners: int, num_workers: int,
-                worker_gpus: int) -> tuple[list[tuple[str, int]], list[list[tuple[str, int]]]]:
+                worker_gpus: float) -> tuple[list[tuple[str, int]], list[list[tuple[str, int]]]]:
     """``(learner_gpus, worker_gpus)``: ``[(host, gpu), ...]`` of the learner ranks (the first GPUs
     of the hosts in order) and, per rollout worker, its ``worker_gpus`` GPUs on one host, taken from
-    the rest (empty lists for CPU workers). On a CPU cluster (no slots) both are empty."""
+    the rest (empty lists for CPU workers). A fraction packs ``floor(1 / worker_gpus)`` workers on
+    each GPU, as Ray does (their groups repeat the GPU). On a CPU cluster (no slots) both are empty."""
     if cluster.num_gpus == 0:
         return [], [[] for _ in range(num_workers)]
     free = [(host, gpu) for host, slots in cluster.hosts for gpu in range(slots)]
@@ -238,11 +239,12 @@ def place_roles(cluster: Cluster, num_learners: int, num_workers: int,
     for host, gpu in free[num_learners:]:
         by_host.setdefault(host, []).append(gpu)
     groups = [] if worker_gpus else [[] for _ in range(num_workers)]
+    span, per_gpu = (1, math.floor(1 / worker_gpus + 1e-9)) if 0 < worker_gpus < 1 else (int(worker_gpus), 1)
     for host, gpus in by_host.items() if worker_gpus else ():
-        for start in range(0, len(gpus) - worker_gpus + 1, worker_gpus):
-            groups.append([(host, gpu) for gpu in gpus[start : start + worker_gpus]])
+        for start in range(0, len(gpus) - span + 1, span):
+            groups += [[(host, gpu) for gpu in gpus[start : start + span]]] * per_gpu
     if len(groups) < num_workers:
-        raise ValueError(f"runtime.num_rollout_workers={num_workers} x runtime.worker_gpus={worker_gpus} GPUs do "
+        raise ValueError(f"runtime.num_rollout_workers={num_workers} x runtime.worker_gpus={worker_gpus:g} GPUs do "
                          f"not fit on the {cluster.num_gpus - num_learners} GPUs left after {num_learners} learners")
     return learners, groups[:num_workers]
 
@@ -312,7 +314,8 @@ def _train_commands(recipe: str, overrides: list[str], cluster: Cluster, learner
     worker_gpus = {host: [] for host in learner_hosts}
     for group in workers:
         for host, gpu in group:
-            worker_gpus.setdefault(host, []).append(gpu)
+            if gpu not in worker_gpus.setdefault(host, []):  # workers sharing a GPU (a fraction each)
+                worker_gpus[host].append(gpu)
     head = learner_hosts[0]
     address = f"{head}:{RAY_PORT}"
     commands = []
@@ -350,6 +353,10 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
                                     "bytes": rollout_worker_bytes(cfg, teacher, student, batch)}
         if cluster.num_gpus and not runtime.worker_gpus:
             notes.append("runtime.worker_gpus is 0: the rollout workers (teacher + student copy) run on CPU")
+        if cluster.num_gpus and 0 < runtime.worker_gpus < 1:
+            notes.append(f"runtime.worker_gpus={runtime.worker_gpus:g}: Ray packs up to "
+                         f"{math.floor(1 / runtime.worker_gpus + 1e-9)} rollout workers on one GPU; their memory "
+                         f"adds up (that many times the per-worker estimate)")
     output = Path(cfg.output.dir)
     return {
         "name": f"train {Path(recipe).stem}", "kind": "train", "recipe": recipe, "overrides": list(overrides),
@@ -447,8 +454,9 @@ def render_text(plan: dict[str, Any]) -> str:
                              + f" (P = {stage['models']['student']['num_params']:,} params, "
                              f"largest layer {stage['models']['student']['largest_layer_params']:,})")
             if workers["count"]:
-                lines.append(f"  rollout workers: {workers['count']} x {workers['gpus_each']} GPU(s), GPUs "
-                             f"{_slots([slot for group in workers['gpus'] for slot in group]) or 'none (CPU)'}")
+                shared = {tuple(slot) for group in workers["gpus"] for slot in group}  # a fraction shares GPUs
+                lines.append(f"  rollout workers: {workers['count']} x {workers['gpus_each']:g} GPU(s), GPUs "
+                             f"{_slots(sorted(shared)) or 'none (CPU)'}")
                 worker = memory["rollout_worker"]
                 parts = ", ".join(f"{key} {_gib(value)}" for key, value in worker["bytes"].items() if key != "total")
                 lines.append(f"    per worker ({worker['dtype']}, batch {worker['rollout_batch']} x "

@@ -10,6 +10,7 @@ config, so ranks agree without talking).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -107,9 +108,37 @@ def load_pretrain_blocks(cfg: RunConfig, tokenizer) -> torch.Tensor | None:
         raise ValueError(f"data.pretrain_corpus: {err}") from None
 
 
+def check_precision_supported(cfg: RunConfig) -> None:
+    """The DeepSpeed file's 16-bit mode (``fp16`` / ``bf16``, parsed by DeepSpeed's own config
+    readers) must be one that DeepSpeed's accelerator here supports. DeepSpeed checks the same in
+    ``deepspeed.initialize`` (e.g. fp16 on a CPU without AVX-512 FP16: "Type fp16 is not supported
+    on your device."), but only on the ranks, after they started and the output directory exists;
+    here it is one line before anything is written. The accelerator is the one the ranks will get
+    (``DS_ACCELERATOR``, else DeepSpeed's detection); the ranks inherit this environment."""
+    if cfg.runtime.deepspeed_config is None:  # the built-in default is fp32
+        return
+    path = cfg.runtime.deepspeed_config
+    ds_config = json.loads(Path(path).read_text(encoding="utf-8"))  # config.py checked it parses
+    if not any(key in ds_config for key in ("fp16", "bf16", "bfloat16")):
+        return
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+
+    accelerator = get_accelerator()
+    modes = {"fp16": (get_float16_config(ds_config).enabled, accelerator.is_fp16_supported()),
+             "bf16": (get_bfloat16_config(ds_config).enabled, accelerator.is_bf16_supported())}
+    for mode, (enabled, supported) in modes.items():
+        if enabled and not supported:
+            usable = " or ".join([other for other, (_, ok) in modes.items() if ok] + ["fp32"])
+            raise ValueError(f"runtime.deepspeed_config: {path} enables {mode}, which DeepSpeed's "
+                             f"{accelerator.device_name()} accelerator does not support here; use a {usable} "
+                             f"config (ds_configs/ has each)")
+
+
 def load_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
     """Everything a rank reads before training; ``ValueError`` (one line) on bad input."""
     check_world_size(cfg, world_size)
+    check_precision_supported(cfg)
     tokenizer = load_tokenizers(cfg)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, valid = load_instruction_splits(cfg, tokenizer)

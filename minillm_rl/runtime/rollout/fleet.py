@@ -37,9 +37,9 @@ class RolloutFleet:
         teacher = functools.partial(load_causal_lm, model.teacher, dtype, model.teacher_gguf_file)
         student = functools.partial(load_causal_lm, model.student, dtype, model.student_gguf_file)
         tokenizer = functools.partial(load_tokenizer, model.student, model.student_gguf_file)
+        gpus = f", {runtime.worker_gpus:g} GPU(s) each" if runtime.worker_gpus else ""
         print(f"minillm-rl: starting {runtime.num_rollout_workers} Ray rollout worker(s) (teacher + student copy "
-              f"each, {runtime.worker_threads} thread(s){f', {runtime.worker_gpus} GPU(s)' if runtime.worker_gpus else ''})"
-              f" and the replay store", flush=True)
+              f"each, {runtime.worker_threads} thread(s){gpus}) and the replay store", flush=True)
         self.workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
                                             seed=cfg.train.seed, name=f"rollout-worker-{i}",
                                             num_gpus=runtime.worker_gpus,

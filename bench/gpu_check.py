@@ -165,8 +165,9 @@ def cuda_environment() -> Check:
     finally:
         ray.shutdown()
     accelerator = get_accelerator().device_name()
+    nccl = torch.cuda.nccl.version()  # a tuple (an int in old torch)
     numbers = {"device": props.name, "memory_GiB": round(props.total_memory / GIB, 1), "torch": torch.__version__,
-               "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+               "cuda": torch.version.cuda, "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
                "bf16": torch.cuda.is_bf16_supported(), "deepspeed_accelerator": accelerator, "ray_gpus": ray_gpus}
     return Check("cuda", accelerator == "cuda" and numbers["bf16"] and ray_gpus >= 1, numbers,
                  "DeepSpeed accelerator cuda, bf16 supported, Ray sees the GPU")

@@ -59,7 +59,7 @@ def test_resume_verdict_wants_identical_bits():
     assert not resume_check(reference, {"a": reference["a"]}).passed  # a missing tensor
 
 
-def test_sampler_verdict_uses_the_bf16_tolerance_of_the_largest_logit():
+def test_sampler_verdict_uses_the_bf16_tolerance_of_the_largest_logit(monkeypatch):
     torch.manual_seed(0)
     from conftest import make_tiny_lm
 
@@ -70,16 +70,25 @@ def test_sampler_verdict_uses_the_bf16_tolerance_of_the_largest_logit():
         eos_token_id, pad_token_id = 1, 0
 
     prompts = (torch.randint(2, 16, (4, 6)), torch.ones(4, 6, dtype=torch.long))
-    original = gpu_check._prompts
-    gpu_check._prompts = lambda tokenizer, count, device: prompts
-    try:
-        check = gpu_check.sampler_check(teacher, student, Tokenizer(), torch.bfloat16)
-    finally:
-        gpu_check._prompts = original
+    monkeypatch.setattr(gpu_check, "_prompts", lambda tokenizer, count, device: prompts)
+    check = gpu_check.sampler_check(teacher, student, Tokenizer(), torch.bfloat16)
     assert check.name == "sampler_bf16" and check.passed, check.numbers
     ulp = check.numbers["tol_student"] / gpu_check.SAMPLER_BF16_ULPS  # of the largest logit Z: 2^(floor(log2 Z) - 7)
     assert math.log2(ulp).is_integer() and ulp * 2**7 <= check.numbers["largest_logit"] + 0.01 < ulp * 2**8
     assert all(check.numbers[f"max_err_{key}"] <= check.numbers[f"tol_{key}"] for key in ("student", "teacher"))
+
+    # Records one nat off (e.g. from another position) fail it.
+    import minillm_rl.algorithm.sampler as sampler
+
+    def shifted(*args, **kwargs):
+        rollout = sample_rollouts(*args, **kwargs)
+        rollout.student_logprobs += rollout.response_mask
+        return rollout
+
+    sample_rollouts = sampler.sample_rollouts
+    monkeypatch.setattr(sampler, "sample_rollouts", shifted)
+    broken = gpu_check.sampler_check(teacher, student, Tokenizer(), torch.bfloat16)
+    assert not broken.passed and broken.numbers["max_err_student"] >= 1 - broken.numbers["tol_student"]
 
 
 def test_report_lists_every_check_and_the_verdict():

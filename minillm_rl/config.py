@@ -79,15 +79,21 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    """Teacher-mixed sampling (algorithm.md §3.2) and the teacher distribution shipped for the
-    single-step term: ``exact`` = full vocabulary, ``topk`` = ``teacher_topk`` largest + tail."""
+    """Teacher-mixed sampling (algorithm.md §3.2) and the teacher signal shipped for the
+    single-step term, the PT term's soft CE and the KD baseline: ``exact`` = the full-vocabulary
+    log-probs ``[B, T, V]``; ``hidden`` = the teacher's final hidden states ``[B, T, d]``, from
+    which the learners recompute the same distribution with the frozen LM head (exact, ``V / d``
+    times fewer bytes, one ``V x d`` fp32 head per learner); ``auto`` (default) = ``hidden`` unless
+    the teacher's config declares logits transformed after its head (soft-capping, scaling), then
+    ``exact``; ``topk`` = ``teacher_topk`` largest + tail (approximate). ``teacher_dist_dtype``:
+    the shipped log-probs' or hidden states' dtype."""
 
     alpha: float = _bounded(0.2, low=0.0, high=1.0)
     temperature: float = _bounded(1.0, low=0.0, low_open=True)
     top_k: int = _bounded(0, low=0)
     top_p: float = _bounded(1.0, low=0.0, high=1.0, low_open=True)
     max_new_tokens: int = _bounded(256, low=1)
-    teacher_dist: Literal["exact", "topk", "none"] = "exact"
+    teacher_dist: Literal["auto", "hidden", "exact", "topk", "none"] = "auto"
     teacher_topk: int = _bounded(64, low=1)
     teacher_dist_dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -432,7 +438,7 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
                                                  "reward r_t is then in neither term and the gradient is biased "
                                                  "(algorithm.md §4.3); turn one of them on")
     if config.loss.single_step and sampling.teacher_dist == "none":
-        fail("sampling.teacher_dist", "is 'none' but loss.single_step is on: use 'exact' or 'topk'")
+        fail("sampling.teacher_dist", "is 'none' but loss.single_step is on: use 'auto', 'hidden', 'exact' or 'topk'")
     if data.pretrain_corpus:
         if "minillm" not in train.phases:
             fail("data.pretrain_corpus", "feeds the minillm phase's PT term only; leave it empty for phases "
@@ -441,7 +447,7 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
             fail("data.pretrain_corpus", "is set but loss.lm_coef is 0 (no PT term): set one or leave the other")
         if config.loss.kd_ratio > 0 and sampling.teacher_dist == "none":
             fail("sampling.teacher_dist", "is 'none' but the PT term mixes in the teacher (loss.kd_ratio > 0): "
-                                          "use 'exact' or 'topk', or loss.kd_ratio=0")
+                                          "use 'auto', 'hidden', 'exact' or 'topk', or loss.kd_ratio=0")
     if train.num_rollouts % train.micro_batch_size:
         fail("train.micro_batch_size", f"must divide train.num_rollouts ({train.num_rollouts}), "
                                        f"got {train.micro_batch_size}")

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from minillm_rl.algorithm.teacher_head import TeacherHead
 from minillm_rl.tracking import staged_directory
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,6 +106,110 @@ def load_tokenizer(path_or_name: str | os.PathLike, gguf_file: str | None = None
         return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     except OSError as err:
         raise ValueError(f"cannot load tokenizer {source!r}: {str(err).splitlines()[0]}") from err
+
+
+def load_model_config(path_or_name: str | os.PathLike, gguf_file: str | None = None):
+    """The model's ``transformers`` config alone (no weights)."""
+    source = _check_source(path_or_name, gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    except OSError as err:
+        raise ValueError(f"cannot load the config of model {source!r}: {str(err).splitlines()[0]}") from err
+
+
+# Config fields with which a model transforms its LM head's output before returning the logits
+# (Gemma 2 soft-capping, Cohere's logit scale, Granite's logit divisor), and their neutral values.
+_LOGIT_TRANSFORM_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def declared_logit_transform(config) -> str | None:
+    """``"field=value"`` of a config field that makes the logits differ from the LM head's output,
+    or None. A declaration only: the rollout workers check the forward itself (``HeadRecorder``)."""
+    for field, neutral in _LOGIT_TRANSFORM_FIELDS.items():
+        value = getattr(config, field, None)
+        if value is not None and value != neutral:
+            return f"{field}={value}"
+    return None
+
+
+def resolve_teacher_dist(requested: str, logit_transform: str | None) -> str:
+    """The teacher-signal mode a run uses, given the teacher config's :func:`declared_logit_transform`:
+    ``auto`` is ``hidden`` (exact, ``V / d`` times fewer bytes than ``exact``) unless the logits are
+    declared transformed after the LM head, then ``exact``; ``hidden`` for such a teacher is
+    refused; other modes as requested."""
+    transform = logit_transform
+    if requested == "auto":
+        return "exact" if transform else "hidden"
+    if requested == "hidden" and transform:
+        raise ValueError(f"sampling.teacher_dist: 'hidden' recomputes the teacher's logits as its LM head's output, "
+                         f"but the teacher's config declares {transform} (logits transformed after the head); use "
+                         f"'exact' or 'auto'")
+    return requested
+
+
+def _checkpoint_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors called ``names`` in the ``*.safetensors`` (else ``*.bin``) files of ``directory``,
+    read by name: safetensors loads only those; ``.bin`` files are memory-mapped."""
+    found: dict[str, torch.Tensor] = {}
+    safetensors_files = sorted(directory.glob("*.safetensors"))
+    if safetensors_files:
+        from safetensors import safe_open
+
+        for file in safetensors_files:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in set(reader.keys()).intersection(names).difference(found):
+                    found[name] = reader.get_tensor(name)
+        return found
+    for file in sorted(directory.glob("*.bin")):
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        found.update({name: state[name] for name in names if name in state and name not in found})
+    return found
+
+
+def _model_directory(source: str) -> Path:
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - the hub raises several types for "not in the cache"
+        raise ValueError(f"model {source!r}: not a directory and not in the local hub cache ({type(err).__name__})") \
+            from err
+
+
+def load_lm_head(path_or_name: str | os.PathLike, gguf_file: str | None = None) -> TeacherHead:
+    """A causal LM's output head (weight ``[V, d]``, bias) in float32 on the CPU, without the rest.
+
+    The model is built on the ``meta`` device to learn the head parameters' names (a tied head
+    also answers to its embedding's name, which is the one checkpoints store), and only those
+    tensors are read from the checkpoint files, under the name or without the base model's
+    prefix (older checkpoints). A GGUF file stores quantised blocks: its model is dequantised
+    once and the head copied out. For the learners of ``teacher_dist='hidden'``: ``4 V d`` bytes.
+    """
+    source = _check_source(path_or_name, gguf_file)
+    if gguf_file is not None:
+        return TeacherHead.from_model(load_causal_lm(source, torch.float32, gguf_file))
+    config = load_model_config(source)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(_without_quantization(config))
+    head = skeleton.get_output_embeddings()
+    prefix = f"{skeleton.base_model_prefix}."
+    candidates = {}
+    for role in ("weight", "bias"):
+        parameter = getattr(head, role, None)
+        names = [name for name, p in skeleton.named_parameters(remove_duplicate=False) if p is parameter]
+        candidates[role] = names + [name[len(prefix):] for name in names if name.startswith(prefix)]
+    directory = _model_directory(source)
+    found = _checkpoint_tensors(directory, candidates["weight"] + candidates["bias"])
+    tensors = {}
+    for role, names in candidates.items():
+        present = [name for name in names if name in found]
+        if names and not present:
+            raise ValueError(f"model {source!r}: no LM head {role} in its checkpoint files in {directory} (looked for "
+                             f"{', '.join(names)}); use sampling.teacher_dist=exact")
+        tensors[role] = found[present[0]].to(torch.float32) if present else None
+    return TeacherHead(tensors["weight"], tensors["bias"])
 
 
 def _has_config_and_weights(path: Path) -> bool:

@@ -230,8 +230,22 @@ def test_rollout_worker_memory_formula(opt_plan):
     assert parts["teacher_weights"] == PUBLISHED["opt-13b"][0] * 2
     assert parts["teacher_kv_cache"] == 2 * 40 * 5120 * 32 * 512 * 2
     assert parts["student_kv_cache"] == 2 * 24 * 2048 * 32 * 512 * 2
-    assert parts["teacher_distributions"] == 32 * 256 * 50272 * 4
+    # teacher_dist auto = hidden for OPT: the final hidden states (5120 wide, fp32), not 50272 log-probs.
+    assert parts["teacher_signal"] == 32 * 256 * 5120 * 4
     assert parts["total"] == sum(value for key, value in parts.items() if key != "total") < 80 * 2**30
+    signal = opt_plan["stages"][1]["memory"]["teacher_signal"]
+    assert signal["mode"] == "hidden" and signal["bytes_per_round"] == {
+        "exact": 256 * 256 * 50272 * 4, "hidden": 256 * 256 * 5120 * 4, "topk": 256 * 256 * (64 * 12 + 4)}
+    learner = opt_plan["stages"][1]["memory"]["learner"]
+    assert learner["minillm"]["teacher_head_bytes_per_gpu"] == 4 * 50272 * 5120  # OPT's head has no bias
+    assert learner["sft"]["teacher_head_bytes_per_gpu"] == 0
+
+
+def test_teacher_signal_mode_follows_the_teachers_head(in_repo):
+    exact = build_plan([STUDENT], ["sampling.teacher_dist=exact", "sampling.teacher_dist_dtype=bfloat16"],
+                       placeholder_cluster(2, 8))["stages"][0]["memory"]
+    assert exact["teacher_signal"]["mode"] == "exact" and exact["learner"]["minillm"]["teacher_head_bytes_per_gpu"] == 0
+    assert exact["rollout_worker"]["bytes"]["teacher_signal"] == 32 * 256 * 50272 * 2
 
 
 def test_zero3_and_zero2_estimates_within_10_percent_of_deepspeed(opt_plan):

@@ -323,6 +323,22 @@ def test_signal_stops_with_verified_checkpoints_that_resume_exactly_even_if_the_
     assert previous_steps < resumed_to <= previous_steps + 2
 
 
+def test_hidden_teacher_signal_run_resumes_exactly(assets, tmp_path):
+    """``sampling.teacher_dist=hidden`` (what ``auto`` gives this teacher): rollouts and the PT
+    term's teacher scores travel as hidden states, the learner applies the teacher head it read
+    from the checkpoint; stopped after the first MiniLLM round and resumed, the run ends as an
+    uninterrupted one."""
+    settings = ("runtime.num_learners=1", "train.optim.lr=0.01", f"data.pretrain_corpus=[{assets['corpus']}]",
+                "sampling.teacher_dist=hidden")
+    reference = tmp_path / "uninterrupted"
+    _check_ok(_train(assets, reference, *settings))
+    out = tmp_path / "run"
+    _check_ok(_train(assets, out, *settings, f"runtime.stop_after_steps={SFT_STEPS + 2}"), EXIT_PREEMPTED)
+    _check_ok(_train(assets, out, *settings, resume="auto"))
+    _assert_resumed_like(out, reference)
+    assert all(r["single/kl"] > 0 for r in _metrics(out) if "round" in r)
+
+
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(assets, tmp_path):
     out = tmp_path / "run"
     result = _train(assets, out, "sampling.alpha=1.5", timeout=60)

@@ -12,6 +12,12 @@ and writes the closed-form gradient:
 Blocks are slices ``logits[b0:b1, t0:t1]`` of the caller's tensor, so the (usually strided)
 response slice of the model's logits is never copied as a whole. The losses built on these are in
 :mod:`minillm_rl.algorithm.losses`.
+
+The teacher comes in three forms: dense ``[B, T, V]`` log-probs, top-K log-probs and ids, or
+(``hidden`` mode) its final hidden states ``[B, T, d]`` and frozen LM head, applied here in
+vocabulary chunks (:func:`reverse_kl_to_teacher_hidden`, :func:`soft_cross_entropy_hidden`). The
+module is longer than ~400 lines because every full-vocabulary kernel shares the block walk, the
+entry checks and the chunk-size policy defined here.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ from dataclasses import dataclass
 import torch
 
 from minillm_rl.algorithm.logits import process_logits
+from minillm_rl.algorithm.teacher_head import HiddenTeacher, TeacherHead
 
 __all__ = [
     "check_aligned",
     "check_logits",
     "default_chunk_size",
+    "default_hidden_chunks",
     "reverse_kl_to_teacher",
+    "reverse_kl_to_teacher_hidden",
     "reverse_kl_to_teacher_topk",
     "soft_cross_entropy",
+    "soft_cross_entropy_hidden",
     "soft_cross_entropy_topk",
     "token_logprobs",
 ]
@@ -43,6 +53,10 @@ CPU_CHUNK_ELEMENTS = 2**20
 # Resolution of a tail mass 1 - sum(exp(top-K float32 log-probs)): below it the shipped values
 # cannot tell the tail's size, and a rounded-to-zero tail would make the KL infinite.
 _MIN_TAIL_MASS = torch.finfo(torch.float32).eps
+# Hidden-teacher kernels: blocks of positions times chunks of the head's vocabulary rows. Every
+# block streams the whole V x d head once, so blocks hold many positions; the chunk bounds the
+# [positions, chunk] temporaries (CPU: 2^20 elements, as above).
+HIDDEN_VOCAB_CHUNK = 4096
 
 
 def _blocks(batch: int, length: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
@@ -223,6 +237,161 @@ class _SoftCrossEntropyKernel:
         return (student_logprobs.exp() - teacher_probs) * grad_out[:, None]
 
 
+def _vocab_chunks(vocab: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, vocab, chunk):
+        yield slice(start, min(start + chunk, vocab))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 inputs; float64 stays float64 (the tests' references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _student_logsumexp(block: torch.Tensor, chunks: list[slice], compute: torch.dtype) -> torch.Tensor:
+    """``logsumexp`` over the vocabulary of ``block [b, t, V]`` -> ``[b * t]``, chunk by chunk."""
+    parts = [torch.logsumexp(block[..., cols].to(compute), dim=-1).flatten() for cols in chunks]
+    return torch.stack(parts).logsumexp(dim=0)
+
+
+class _HiddenReverseKLKernel:
+    """``KL(q || p)`` with ``p = softmax(head(h))``, one vocabulary chunk at a time.
+
+    ``KL = sum_v q_v (s_v - t_v) - lse(s) + lse(t)`` (``s``, ``t``: student and teacher logits), so
+    one pass over the chunks gives it once the student's ``lse(s)`` is known; the backward's
+    ``q_v * (log q_v - log p_v - KL)`` needs ``lse(s)``, ``lse(t)`` and ``KL``: the saved state.
+    """
+
+    state_width = 3
+
+    @staticmethod
+    def value(block, hidden, head: TeacherHead, chunks, compute):
+        student_lse = _student_logsumexp(block, chunks, compute)
+        teacher_lse = torch.full_like(student_lse, float("-inf"))
+        cross = torch.zeros_like(student_lse)
+        for cols in chunks:
+            student = block[..., cols].reshape(-1, cols.stop - cols.start).to(compute)
+            teacher = head.logits(hidden, cols)
+            cross += (torch.exp(student - student_lse[:, None]) * (student - teacher)).sum(-1)
+            teacher_lse = torch.logaddexp(teacher_lse, torch.logsumexp(teacher, dim=-1))
+        kl = cross - student_lse + teacher_lse
+        return kl, torch.stack([student_lse, teacher_lse, kl], dim=-1)
+
+    @staticmethod
+    def grad(grad_out, block, hidden, head: TeacherHead, chunks, compute, state):
+        student_lse, teacher_lse, kl = (column[:, None] for column in state.unbind(-1))
+        for cols in chunks:
+            student_logprobs = block[..., cols].reshape(-1, cols.stop - cols.start).to(compute) - student_lse
+            teacher_logprobs = head.logits(hidden, cols) - teacher_lse
+            yield cols, student_logprobs.exp() * (student_logprobs - teacher_logprobs - kl) * grad_out[:, None]
+
+
+class _HiddenSoftCrossEntropyKernel:
+    """``-sum_v p_v log q_v = lse(s) - sum_v p_v s_v`` with ``p = softmax(head(h))``; the teacher's
+    normaliser and ``sum_v p_v s_v`` are accumulated online (rescaled as the running max grows),
+    so the head is applied once per chunk. Backward: ``q - p``; state ``lse(s)``, ``lse(t)``."""
+
+    state_width = 2
+
+    @staticmethod
+    def value(block, hidden, head: TeacherHead, chunks, compute):
+        student_lse = _student_logsumexp(block, chunks, compute)
+        running_max = torch.full_like(student_lse, float("-inf"))
+        normaliser = torch.zeros_like(student_lse)
+        weighted = torch.zeros_like(student_lse)  # sum_v exp(t_v - running_max) s_v
+        for cols in chunks:
+            student = block[..., cols].reshape(-1, cols.stop - cols.start).to(compute)
+            teacher = head.logits(hidden, cols)
+            new_max = torch.maximum(running_max, teacher.max(dim=-1).values)
+            rescale = torch.exp(running_max - new_max)
+            unnormalised = torch.exp(teacher - new_max[:, None])
+            normaliser = normaliser * rescale + unnormalised.sum(-1)
+            weighted = weighted * rescale + (unnormalised * student).sum(-1)
+            running_max = new_max
+        teacher_lse = running_max + normaliser.log()
+        return student_lse - weighted / normaliser, torch.stack([student_lse, teacher_lse], dim=-1)
+
+    @staticmethod
+    def grad(grad_out, block, hidden, head: TeacherHead, chunks, compute, state):
+        student_lse, teacher_lse = (column[:, None] for column in state.unbind(-1))
+        for cols in chunks:
+            student = block[..., cols].reshape(-1, cols.stop - cols.start).to(compute)
+            teacher_probs = torch.exp(head.logits(hidden, cols) - teacher_lse)
+            yield cols, (torch.exp(student - student_lse) - teacher_probs) * grad_out[:, None]
+
+
+class _HiddenTeacherFunction(torch.autograd.Function):
+    """A hidden-teacher kernel over blocks of ``positions`` positions and ``vocab_chunk`` vocabulary
+    columns: no tensor larger than ``[positions, vocab_chunk]`` besides the gradient itself.
+
+    ``logits [B, T, V]`` is the only differentiable input; ``hidden [B, T, d]`` and the head
+    (``weight [V, d]``, ``bias [V]`` or None) are constants. The forward saves the kernel's
+    per-position state (normalisers, the value) so the backward applies the head once per chunk.
+    Values and state are float32 (float64 for float64 logits).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, positions: int, vocab_chunk: int, logits: torch.Tensor, hidden: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        batch, length, vocab = logits.shape
+        compute = _compute_dtype(logits.dtype)
+        head = TeacherHead(weight, bias)
+        chunks = list(_vocab_chunks(vocab, vocab_chunk))
+        out = torch.zeros(batch, length, dtype=compute, device=logits.device)
+        state = torch.zeros(batch, length, kernel.state_width, dtype=compute, device=logits.device)
+        for bs, ts in _blocks(batch, length, positions):
+            block_hidden = hidden[bs, ts].reshape(-1, hidden.shape[-1]).to(device=logits.device, dtype=compute)
+            value, block_state = kernel.value(logits[bs, ts], block_hidden, head, chunks, compute)
+            out[bs, ts] = value.view(out[bs, ts].shape)
+            state[bs, ts] = block_state.view(state[bs, ts].shape)
+        ctx.kernel, ctx.positions, ctx.chunks = kernel, positions, chunks
+        ctx.save_for_backward(logits, hidden, weight, bias, state)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, hidden, weight, bias, state = ctx.saved_tensors
+        batch, length, _ = logits.shape
+        compute = state.dtype
+        head = TeacherHead(weight, bias)
+        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for bs, ts in _blocks(batch, length, ctx.positions):
+            block_hidden = hidden[bs, ts].reshape(-1, hidden.shape[-1]).to(device=logits.device, dtype=compute)
+            block_grad = grad_out[bs, ts].reshape(-1).to(compute)
+            target = grad_logits[bs, ts]
+            for cols, grad in ctx.kernel.grad(block_grad, logits[bs, ts], block_hidden, head, ctx.chunks, compute,
+                                              state[bs, ts].reshape(-1, state.shape[-1])):
+                target[..., cols] = grad.view(*target.shape[:2], -1).to(logits.dtype)
+        return None, None, None, grad_logits, None, None, None
+
+
+def default_hidden_chunks(logits: torch.Tensor) -> tuple[int, int]:
+    """``(positions per block, vocabulary columns per chunk)`` of the hidden-teacher kernels when
+    ``chunk_size`` / ``vocab_chunk_size`` are ``None``: GPU 1024 positions x 4 * 4096 columns;
+    CPU ``2^20 / 4096`` = 256 positions x 4096 columns."""
+    if logits.device.type != "cpu":
+        return GPU_CHUNK_POSITIONS, 4 * HIDDEN_VOCAB_CHUNK
+    return max(1, CPU_CHUNK_ELEMENTS // HIDDEN_VOCAB_CHUNK), HIDDEN_VOCAB_CHUNK
+
+
+def _apply_hidden(name: str, kernel, student_logits: torch.Tensor, teacher: HiddenTeacher,
+                  chunk_size: int | None, vocab_chunk_size: int | None) -> torch.Tensor:
+    """Checks and runs a kernel whose teacher is ``HiddenTeacher(hidden [B, T, d], head [V, d])``."""
+    check_logits(name, student_logits)
+    _check_chunk_size(name, chunk_size)
+    _check_chunk_size(name, vocab_chunk_size)
+    if not isinstance(teacher, HiddenTeacher):
+        raise ValueError(f"{name}: teacher must be a HiddenTeacher(hidden, head), got {type(teacher).__name__}")
+    head = teacher.head
+    if head.vocab_size != student_logits.shape[-1]:
+        raise ValueError(f"{name}: the teacher head has {head.vocab_size} vocabulary rows, the student logits "
+                         f"{student_logits.shape[-1]}")
+    check_aligned(name, "teacher hidden", teacher.hidden, (*student_logits.shape[:2], head.hidden_size))
+    positions, vocab_chunk = default_hidden_chunks(student_logits)
+    return _HiddenTeacherFunction.apply(kernel, chunk_size or positions, vocab_chunk_size or vocab_chunk,
+                                        student_logits, teacher.hidden, head.weight, head.bias)
+
+
 def check_logits(name: str, logits: torch.Tensor) -> None:
     if logits.dim() != 3:
         raise ValueError(f"{name}: logits must be [batch, length, vocab], got shape {tuple(logits.shape)}")
@@ -386,3 +555,37 @@ def soft_cross_entropy_topk(
     """
     return _apply_topk("soft_cross_entropy_topk", _TopKSoftCrossEntropyKernel(), chunk_size, student_logits,
                        teacher_topk_logprobs, teacher_topk_ids)
+
+
+def reverse_kl_to_teacher_hidden(
+    student_logits: torch.Tensor,
+    teacher: HiddenTeacher,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`reverse_kl_to_teacher` with the teacher's distribution recomputed from its final
+    hidden states and frozen LM head (``hidden`` mode): exact, never an ``[N, V]`` teacher tensor.
+
+    Args:
+        student_logits: ``[B, T, V]`` raw student logits.
+        teacher: ``hidden [B, T, d]`` (any float dtype; computed in float32) and ``head`` (``[V, d]``).
+        chunk_size: positions per block; ``vocab_chunk_size``: head rows per matmul (``None``: per
+            device, :func:`default_hidden_chunks`).
+
+    Returns:
+        ``[B, T]`` float32 (float64 for float64 logits).
+    """
+    return _apply_hidden("reverse_kl_to_teacher_hidden", _HiddenReverseKLKernel(), student_logits, teacher,
+                         chunk_size, vocab_chunk_size)
+
+
+def soft_cross_entropy_hidden(
+    student_logits: torch.Tensor,
+    teacher: HiddenTeacher,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`soft_cross_entropy` with the teacher given as hidden states + LM head (see
+    :func:`reverse_kl_to_teacher_hidden`). Returns ``[B, L]`` float32 (float64 for float64 logits)."""
+    return _apply_hidden("soft_cross_entropy_hidden", _HiddenSoftCrossEntropyKernel(), student_logits, teacher,
+                         chunk_size, vocab_chunk_size)

@@ -15,11 +15,14 @@ from minillm_rl.algorithm.chunked_vocab import (
     check_aligned,
     check_logits,
     reverse_kl_to_teacher,
+    reverse_kl_to_teacher_hidden,
     reverse_kl_to_teacher_topk,
     soft_cross_entropy,
+    soft_cross_entropy_hidden,
     soft_cross_entropy_topk,
     token_logprobs,
 )
+from minillm_rl.algorithm.teacher_head import HiddenTeacher, TeacherHead
 
 __all__ = ["kd_loss", "minillm_loss", "policy_loss", "pt_loss", "sft_loss", "single_step_loss"]
 
@@ -73,11 +76,17 @@ def policy_loss(
     return loss, stats
 
 
-TeacherDist = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+TeacherDist = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | HiddenTeacher
 
 
 def _per_position_reverse_kl(student_logits: torch.Tensor, teacher, chunk_size: int | None) -> torch.Tensor:
-    """Dispatch on the teacher form: dense ``[B,T,V]``, ``(topk_logprobs, topk_ids)``, or a rollout."""
+    """Dispatch on the teacher form: dense ``[B,T,V]``, ``(topk_logprobs, topk_ids)``,
+    ``HiddenTeacher``, or a rollout with a dense or top-K distribution."""
+    if isinstance(teacher, HiddenTeacher):
+        return reverse_kl_to_teacher_hidden(student_logits, teacher, chunk_size)
+    if getattr(teacher, "teacher_hidden", None) is not None:
+        raise ValueError("single_step_loss: a rollout sampled with teacher_dist='hidden' carries the teacher's hidden "
+                         "states; pass HiddenTeacher(rollout.teacher_hidden, teacher_head)")
     if isinstance(teacher, torch.Tensor):
         return reverse_kl_to_teacher(student_logits, teacher, chunk_size)
     if isinstance(teacher, tuple) and len(teacher) == 2:
@@ -108,7 +117,8 @@ def single_step_loss(
     Args:
         student_logits: ``[B, T, V]`` raw logits at the response positions.
         teacher: dense ``[B, T, V]`` teacher log-distribution, a ``(topk_logprobs, topk_ids)`` pair
-            (approximate, see :func:`reverse_kl_to_teacher_topk`), or a ``Rollout`` carrying either.
+            (approximate, see :func:`reverse_kl_to_teacher_topk`), a ``Rollout`` carrying either, or
+            a :class:`HiddenTeacher` (exact, from hidden states ``[B, T, d]`` and the LM head).
         response_mask: ``[B, T]``.
         weights: ``None`` (reference: unweighted) or ``[B, T]`` importance weights (paper variant).
 
@@ -155,6 +165,7 @@ def pt_loss(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     *,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_hidden: HiddenTeacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``(1 - kd_ratio) CE(next token) + kd_ratio * (-sum_v p(v) log q(v))`` (algorithm.md §4.4).
 
@@ -167,21 +178,28 @@ def pt_loss(
         teacher_logprobs: ``[B, L, V]`` teacher log-probs or logits at the same positions, or None.
         teacher_topk: instead of ``teacher_logprobs``, the teacher's top-K ``(log-probs, ids)``,
             each ``[B, L, K]`` (:func:`soft_cross_entropy_topk`).
+        teacher_hidden: instead of either, the teacher's hidden states ``[B, L, d]`` and LM head
+            (:func:`soft_cross_entropy_hidden`, exact).
 
     Returns:
         ``(loss, stats)``; stats: ``loss``, ``ce``, ``tokens`` and, with a teacher, ``soft_ce``.
     """
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"pt_loss: kd_ratio must be in [0, 1], got {kd_ratio}")
-    if teacher_logprobs is not None and teacher_topk is not None:
-        raise ValueError("pt_loss: pass teacher_logprobs or teacher_topk, not both")
+    given = [form is not None for form in (teacher_logprobs, teacher_topk, teacher_hidden)]
+    if sum(given) > 1:
+        raise ValueError("pt_loss: pass at most one of teacher_logprobs, teacher_topk, teacher_hidden")
     ce, stats = sft_loss(student_logits, labels, chunk_size)
     stats = {"ce": stats["loss"], "tokens": stats["tokens"]}
-    if teacher_logprobs is None and teacher_topk is None:
+    if not any(given):
         loss = ce
     else:
-        per_position = soft_cross_entropy(student_logits, teacher_logprobs, chunk_size) if teacher_topk is None \
-            else soft_cross_entropy_topk(student_logits, *teacher_topk, chunk_size)
+        if teacher_hidden is not None:
+            per_position = soft_cross_entropy_hidden(student_logits, teacher_hidden, chunk_size)
+        elif teacher_topk is not None:
+            per_position = soft_cross_entropy_topk(student_logits, *teacher_topk, chunk_size)
+        else:
+            per_position = soft_cross_entropy(student_logits, teacher_logprobs, chunk_size)
         soft_ce = masked_mean(per_position, labels != IGNORE_INDEX)
         loss = (1.0 - kd_ratio) * ce + kd_ratio * soft_ce
         stats["soft_ce"] = soft_ce.item()
@@ -191,13 +209,16 @@ def pt_loss(
 
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits_or_logprobs: torch.Tensor,
+    teacher: torch.Tensor | HiddenTeacher,
     labels: torch.Tensor,
     kd_ratio: float = 0.5,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Word-level KD baseline (algorithm.md §5) on ground-truth responses: :func:`pt_loss` with a teacher."""
-    return pt_loss(student_logits, labels, teacher_logits_or_logprobs, kd_ratio, chunk_size)
+    """Word-level KD baseline (algorithm.md §5) on ground-truth responses: :func:`pt_loss` with a
+    teacher given as ``[B, T, V]`` logits / log-probs or as a :class:`HiddenTeacher`."""
+    if isinstance(teacher, HiddenTeacher):
+        return pt_loss(student_logits, labels, None, kd_ratio, chunk_size, teacher_hidden=teacher)
+    return pt_loss(student_logits, labels, teacher, kd_ratio, chunk_size)
 
 
 def minillm_loss(
@@ -214,6 +235,7 @@ def minillm_loss(
     pt: tuple[torch.Tensor, dict[str, float]] | None = None,
     lm_coef: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    teacher_head: TeacherHead | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``L_pg + L_single + lm_coef * L_pt`` for one micro-batch (algorithm.md §4).
 
@@ -226,6 +248,8 @@ def minillm_loss(
         temperature, top_k, top_p: the sampling processing, so the PPO ratio is 1 at epoch one.
         weight_single_step: the paper's variant (weight the single-step KL by ``w``).
         pt: ``(loss, stats)`` of :func:`pt_loss` on a pre-training batch, or None.
+        teacher_head: the frozen teacher LM head, needed when the rollout carries the teacher's
+            hidden states (``teacher_dist='hidden'``).
 
     Returns:
         ``(total, stats)`` with stats prefixed ``pg/``, ``single/``, ``pt/`` and ``loss``.
@@ -235,9 +259,16 @@ def minillm_loss(
         logprobs, rollout.student_logprobs, weights, advantages, rollout.response_mask, clip_eps
     )
     parts = {"pg": pg_stats}
-    if rollout.teacher_dist_logprobs is not None or rollout.teacher_topk_logprobs is not None:
+    teacher = rollout
+    teacher_hidden = getattr(rollout, "teacher_hidden", None)
+    if teacher_hidden is not None:
+        if teacher_head is None:
+            raise ValueError("minillm_loss: the rollout carries the teacher's hidden states (teacher_dist='hidden'); "
+                             "pass teacher_head")
+        teacher = HiddenTeacher(teacher_hidden, teacher_head)
+    if teacher is not rollout or rollout.teacher_dist_logprobs is not None or rollout.teacher_topk_logprobs is not None:
         single, parts["single"] = single_step_loss(
-            student_logits, rollout, rollout.response_mask, weights if weight_single_step else None, chunk_size
+            student_logits, teacher, rollout.response_mask, weights if weight_single_step else None, chunk_size
         )
         total = total + single
     if pt is not None:

@@ -29,6 +29,7 @@ from minillm_rl.errors import RunFailed
 from minillm_rl.algorithm.forward import response_logits
 from minillm_rl.algorithm.losses import minillm_loss, pt_loss
 from minillm_rl.algorithm.sampler import Rollout, SamplingConfig
+from minillm_rl.algorithm.teacher_head import HiddenTeacher, TeacherHead
 
 
 @dataclass
@@ -50,28 +51,36 @@ class PretrainBatch:
 
     ``input_ids``: ``[b, L]``. Teacher (position ``i`` predicts token ``i + 1``; none for a plain
     LM term): ``teacher_logprobs`` ``[b, L - 1, V]``, or ``teacher_topk_logprobs`` and
-    ``teacher_topk_ids`` ``[b, L - 1, K]``.
+    ``teacher_topk_ids`` ``[b, L - 1, K]``, or ``teacher_hidden`` ``[b, L - 1, d]`` (the teacher's
+    final hidden states; the learner applies the head).
     """
 
     input_ids: torch.Tensor
     teacher_logprobs: torch.Tensor | None = None
     teacher_topk_logprobs: torch.Tensor | None = None
     teacher_topk_ids: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
 
     def to(self, device) -> PretrainBatch:
         return PretrainBatch(**{name: None if value is None else value.to(device)
                                 for name, value in vars(self).items()})
 
 
-def pretrain_micro_batch_loss(model: torch.nn.Module, batch: PretrainBatch,
-                              kd_ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
+def pretrain_micro_batch_loss(model: torch.nn.Module, batch: PretrainBatch, kd_ratio: float,
+                              teacher_head: TeacherHead | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``L_pt`` on ``batch``: ``(1 - kd_ratio)`` next-token CE ``+ kd_ratio`` soft CE to the teacher
-    (:func:`~minillm_rl.algorithm.losses.pt_loss`); the plain CE when the batch has no teacher."""
+    (:func:`~minillm_rl.algorithm.losses.pt_loss`); the plain CE when the batch has no teacher.
+    ``teacher_head``: the frozen teacher LM head, for a batch that carries ``teacher_hidden``."""
     logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1]
     topk = None if batch.teacher_topk_logprobs is None else (batch.teacher_topk_logprobs, batch.teacher_topk_ids)
-    has_teacher = batch.teacher_logprobs is not None or topk is not None
+    hidden = None
+    if batch.teacher_hidden is not None:
+        if teacher_head is None:
+            raise ValueError("pretrain_micro_batch_loss: the batch carries the teacher's hidden states; pass teacher_head")
+        hidden = HiddenTeacher(batch.teacher_hidden, teacher_head)
+    has_teacher = batch.teacher_logprobs is not None or topk is not None or hidden is not None
     return pt_loss(logits, batch.input_ids[:, 1:], batch.teacher_logprobs, kd_ratio if has_teacher else 0.0,
-                   teacher_topk=topk)
+                   teacher_topk=topk, teacher_hidden=hidden)
 
 
 def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
@@ -88,11 +97,13 @@ def minillm_micro_batch_loss(
     advantage_cfg: AdvantageConfig,
     loss_cfg: MiniLLMLossConfig,
     group: torch.distributed.ProcessGroup | None = None,
+    teacher_head: TeacherHead | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``L_pg + L_single`` for one micro-batch (§4.1–§4.3), plus rollout statistics.
 
     Advantages are computed here, per micro-batch, because their whitening statistics are the
     micro-batch's (pooled over the data-parallel ``group``), as in the reference.
+    ``teacher_head``: the frozen teacher LM head, for rollouts sampled with ``teacher_dist='hidden'``.
     """
     logits = response_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                              rollout.response_mask)
@@ -101,11 +112,11 @@ def minillm_micro_batch_loss(
     advantages, rewards = compute_advantages(rollout, advantage_cfg, group=group)
     if not loss_cfg.single_step:
         rollout = dataclasses.replace(rollout, teacher_dist_logprobs=None, teacher_topk_logprobs=None,
-                                      teacher_topk_ids=None)
+                                      teacher_topk_ids=None, teacher_hidden=None)
     # The sampler recorded log q_old under this processing; the ratio must use the same.
     loss, stats = minillm_loss(logits, rollout, advantages, weights, clip_eps=loss_cfg.clip_eps,
                                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                               weight_single_step=loss_cfg.single_step_weighted)
+                               weight_single_step=loss_cfg.single_step_weighted, teacher_head=teacher_head)
     stats.update({
         "reward/mean": masked_mean(rewards, mask).item(),
         # log q_old - log p per sampled token estimates the reverse-KL rate of the responses.
@@ -215,6 +226,7 @@ def ppo_round(
     generator: torch.Generator,
     group: torch.distributed.ProcessGroup | None = None,
     pretrain: Callable[[int], PretrainBatch] | None = None,
+    teacher_head: TeacherHead | None = None,
 ) -> list[dict[str, float]]:
     """``ppo_epochs`` passes over the round, one optimizer step per global micro-batch.
 
@@ -228,6 +240,8 @@ def ppo_round(
         pretrain: with a PT corpus, step index within the round -> this rank's PT batch, whose
             ``loss_cfg.lm_coef * L_pt`` joins that step's loss. Every rank calls it at the same
             steps (it may run a collective).
+        teacher_head: the frozen teacher LM head (on the engine's device) when the rollouts and PT
+            batches carry the teacher's hidden states (``teacher_dist='hidden'``).
 
     Returns:
         One stats dict per step, in order. ``loss`` is the global micro-batch's loss (token mean
@@ -248,11 +262,12 @@ def ppo_round(
         for global_rows in global_micro_batches(batch_size, micro_batch_size, world_size, generator):
             micro = select_rows(rollout, rank_rows(global_rows, rank, world_size)).to(device)
             lr = engine.get_lr()[0]
-            loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group)
+            loss, stats = minillm_micro_batch_loss(engine, micro, sampling, advantage_cfg, loss_cfg, group,
+                                                   teacher_head)
             pt_term = None
             if pretrain is not None:
                 pt_value, pt_stats = pretrain_micro_batch_loss(engine, pretrain(len(history)).to(device),
-                                                               loss_cfg.kd_ratio)
+                                                               loss_cfg.kd_ratio, teacher_head)
                 pt_term = loss_cfg.lm_coef * pt_value
                 stats.update({f"pt/{name}": value for name, value in pt_stats.items()})
             global_loss, total_tokens = token_mean_backward(engine, loss, micro.response_mask.sum(), group, pt_term)

@@ -9,6 +9,7 @@ batched forward (same records, far fewer teacher calls).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from transformers import DynamicCache
 
 from minillm_rl.algorithm.forward import position_ids_from_mask, response_logits
 from minillm_rl.algorithm.logits import process_logits
+from minillm_rl.algorithm.teacher_head import HeadRecorder
 
 
 @dataclass
@@ -26,8 +28,11 @@ class SamplingConfig:
     """How rollouts are sampled and what teacher distribution is shipped with them.
 
     ``teacher_dist``: ``"exact"`` ships the teacher's full next-token log-distribution
-    ``[B, T, V]`` in ``teacher_dist_dtype``; ``"topk"`` ships its ``teacher_topk`` largest
-    log-probs and their ids; ``"none"`` ships neither (no single-step term).
+    ``[B, T, V]`` in ``teacher_dist_dtype``; ``"hidden"`` ships the teacher's final hidden states
+    ``[B, T, d]`` (the input of its LM head) in ``teacher_dist_dtype``, from which the learner
+    recomputes the same distribution with the head (exact, ``V / d`` times fewer bytes; refused
+    for a teacher whose logits are not its linear head's output); ``"topk"`` ships its
+    ``teacher_topk`` largest log-probs and their ids; ``"none"`` ships neither (no single-step term).
     """
 
     alpha: float = 0.2
@@ -35,7 +40,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    teacher_dist: Literal["exact", "topk", "none"] = "exact"
+    teacher_dist: Literal["exact", "hidden", "topk", "none"] = "exact"
     teacher_topk: int = 64
     teacher_dist_dtype: torch.dtype = torch.float32
 
@@ -50,9 +55,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.teacher_dist not in ("exact", "topk", "none"):
+        if self.teacher_dist not in ("exact", "hidden", "topk", "none"):
             raise ValueError(
-                f"SamplingConfig.teacher_dist must be 'exact', 'topk' or 'none', got {self.teacher_dist!r}"
+                f"SamplingConfig.teacher_dist must be 'exact', 'hidden', 'topk' or 'none', got {self.teacher_dist!r}"
             )
         if self.teacher_topk < 1:
             raise ValueError(f"SamplingConfig.teacher_topk must be >= 1, got {self.teacher_topk}")
@@ -71,8 +76,8 @@ class SamplingConfig:
 class Rollout:
     """One batch of rollouts; the data contract between sampler and learner (see common.md).
 
-    ``B`` batch, ``P`` padded prompt width, ``T`` response width, ``V`` vocab, ``K`` top-K.
-    All per-token values are 0 where ``response_mask`` is 0.
+    ``B`` batch, ``P`` padded prompt width, ``T`` response width, ``V`` vocab, ``K`` top-K,
+    ``d`` the teacher's LM-head input width. All per-token values are 0 where ``response_mask`` is 0.
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded
@@ -88,6 +93,7 @@ class Rollout:
     teacher_topk_ids: torch.Tensor | None  # [B, T, K] long (top-K mode)
     alpha: float
     policy_version: int
+    teacher_hidden: torch.Tensor | None = None  # [B, T, d] teacher final hidden states (hidden mode)
 
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to ``device``."""
@@ -133,10 +139,12 @@ class _TeacherRecords:
     dist_logprobs: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
     topk_ids: torch.Tensor | None
+    hidden: torch.Tensor | None = None
 
 
 def _teacher_records(
-    teacher_logits: torch.Tensor, teacher_logprobs_all: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig
+    teacher_logits: torch.Tensor, teacher_logprobs_all: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig,
+    teacher_hidden: torch.Tensor | None = None,
 ) -> _TeacherRecords:
     """Teacher records at the sampled ``tokens``.
 
@@ -144,6 +152,7 @@ def _teacher_records(
         teacher_logits: ``[..., V]`` raw logits.
         teacher_logprobs_all: ``[..., V]`` processed log-distribution (from :func:`processed_logprobs`).
         tokens: ``[...]`` sampled ids.
+        teacher_hidden: ``[..., d]`` the LM head's input that gave ``teacher_logits`` (hidden mode).
     """
     index = tokens.unsqueeze(-1)
     raw_all = torch.log_softmax(teacher_logits.float(), dim=-1) if cfg.processes_logits else teacher_logprobs_all
@@ -158,6 +167,7 @@ def _teacher_records(
         dist_logprobs=dist,
         topk_logprobs=topk_values,
         topk_ids=topk_ids,
+        hidden=teacher_hidden.to(cfg.teacher_dist_dtype) if cfg.teacher_dist == "hidden" else None,
     )
 
 
@@ -192,16 +202,25 @@ class _CachedDecoder:
     runs the whole model, decode steps run the base model and this head copy, provided the
     prefill's logits are reproduced from its last hidden state (a model whose logits are not a
     plain linear map of it, e.g. with soft-capping, keeps the whole-model path).
+
+    ``record_hidden`` (the teacher in ``hidden`` mode) also keeps ``next_hidden [B, d]``, the LM
+    head's input behind ``next_logits``; a model whose logits are not that head's output is refused.
     """
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor):
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
+                 record_hidden: bool = False):
         self.model = model
         self.cache = DynamicCache(config=model.config)
         self.head: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                    cache=self.cache, use_cache=True, logits_to_keep=1,
-                    output_hidden_states=prompt_ids.device.type == "cpu")
+        self.recorder = HeadRecorder(model) if record_hidden else None
+        self.next_hidden: torch.Tensor | None = None
+        with self.recorder or contextlib.nullcontext():
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                        cache=self.cache, use_cache=True, logits_to_keep=1,
+                        output_hidden_states=prompt_ids.device.type == "cpu")
         self.next_logits = out.logits[:, -1]
+        if self.recorder is not None:
+            self.next_hidden = self.recorder.hidden_for(out.logits)[:, -1]
         if out.hidden_states is not None:
             self.head = _transposed_head(model, out.hidden_states[-1][:, -1], self.next_logits)
 
@@ -209,12 +228,17 @@ class _CachedDecoder:
         inputs = {"input_ids": tokens.unsqueeze(-1), "attention_mask": attention_mask, "position_ids": position_ids,
                   "cache": self.cache, "use_cache": True}
         if self.head is None:
-            self.next_logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+            with self.recorder or contextlib.nullcontext():
+                logits = self.model(**inputs, logits_to_keep=1).logits
+            self.next_logits = logits[:, -1]
+            if self.recorder is not None:
+                self.next_hidden = self.recorder.hidden_for(logits)[:, -1]
             return
         weight_t, bias = self.head
         hidden = self.model.base_model(**inputs).last_hidden_state[:, -1]
         logits = hidden @ weight_t
         self.next_logits = logits if bias is None else logits.add_(bias)
+        self.next_hidden = hidden
 
 
 def _transposed_head(model, hidden: torch.Tensor, logits: torch.Tensor):
@@ -280,7 +304,8 @@ def sample_rollouts(
         "mixture_logprobs": mixture_logprob(teacher_rec.logprobs, student_lp, cfg.alpha),
         "teacher_logprobs_raw": teacher_rec.logprobs_raw,
     }
-    for values in list(per_token.values()) + [teacher_rec.dist_logprobs, teacher_rec.topk_logprobs]:
+    for values in list(per_token.values()) + [teacher_rec.dist_logprobs, teacher_rec.topk_logprobs,
+                                              teacher_rec.hidden]:
         if values is not None:
             values[invalid] = 0
     if teacher_rec.topk_ids is not None:
@@ -296,6 +321,7 @@ def sample_rollouts(
         teacher_topk_ids=teacher_rec.topk_ids,
         alpha=float(cfg.alpha),
         policy_version=int(policy_version),
+        teacher_hidden=teacher_rec.hidden,
     )
 
 
@@ -318,7 +344,8 @@ def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_to
 
     decoders = [_CachedDecoder(student, prompt_ids, attention_mask[:, :prompt_len], prompt_positions)]
     if teacher is not None:
-        decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions))
+        decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions,
+                                       record_hidden=cfg.teacher_dist == "hidden"))
 
     # Buffers are filled column by column; torch.empty leaves untouched pages unallocated, so the
     # [B, max_new, V] exact buffer only costs memory for the steps actually taken.
@@ -341,7 +368,7 @@ def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_to
         response_mask[:, step] = (~finished).float()
         student_lp[:, step] = student_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         if teacher is not None:
-            record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg)
+            record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg, decoders[1].next_hidden)
             if teacher_buffers is None:
                 teacher_buffers = _allocate_like(record, max_new)
             _write_column(teacher_buffers, record, step)
@@ -384,5 +411,9 @@ def _write_column(buffers: _TeacherRecords, record: _TeacherRecords, step: int) 
 
 def _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg) -> _TeacherRecords:
     """Teacher records for already-sampled responses from one forward over prompt + response."""
-    teacher_logits = response_logits(teacher, prompt_ids, prompt_mask, tokens, response_mask)
-    return _teacher_records(teacher_logits, processed_logprobs(teacher_logits, cfg), tokens, cfg)
+    recorder = HeadRecorder(teacher) if cfg.teacher_dist == "hidden" else None
+    with recorder or contextlib.nullcontext():
+        teacher_logits = response_logits(teacher, prompt_ids, prompt_mask, tokens, response_mask)
+    # response_logits drops the head's last position (it predicts past the response).
+    hidden = None if recorder is None else recorder.hidden_for(teacher_logits, positions=slice(None, -1))
+    return _teacher_records(teacher_logits, processed_logprobs(teacher_logits, cfg), tokens, cfg, hidden)

@@ -12,16 +12,17 @@ import torch
 from minillm_rl.algorithm.batching import SupervisedBatch
 from minillm_rl.algorithm.forward import response_logits
 from minillm_rl.algorithm.losses import kd_loss, sft_loss
+from minillm_rl.algorithm.teacher_head import HiddenTeacher
 
 
 def supervised_micro_batch_loss(
     model: torch.nn.Module,
     batch: SupervisedBatch,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | HiddenTeacher | None = None,
     kd_ratio: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SFT cross-entropy, or with ``teacher_logits [B, T, V]`` the KD mix
-    ``(1 - kd_ratio)·CE + kd_ratio·(−Σ_v p(v) log q(v))``."""
+    """SFT cross-entropy, or with ``teacher_logits [B, T, V]`` (or the teacher's hidden states and
+    head, :class:`HiddenTeacher`) the KD mix ``(1 - kd_ratio)·CE + kd_ratio·(−Σ_v p(v) log q(v))``."""
     # Batches are collated on CPU; the model (a DeepSpeed engine, which does not move its inputs, or
     # an HF model) may live on a GPU. ppo_round moves its micro-batches the same way.
     device = getattr(model, "device", torch.device("cpu"))

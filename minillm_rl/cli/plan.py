@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig, load_config
+from minillm_rl.models import declared_logit_transform, resolve_teacher_dist
 
 GIB = 2**30
 RAY_PORT = 6379
@@ -46,7 +47,9 @@ DS_SUB_GROUP_SIZE_DEFAULT = 1_000_000_000  # DeepSpeed's zero_optimization.sub_g
 class ModelStats:
     """What the memory formulas need of a model. ``largest_layer_params``: the most parameters any
     one module holds directly (DeepSpeed's ``model_to_params`` definition); ``kv_width``: key
-    (= value) features per token per layer, ``num_key_value_heads * head_dim``."""
+    (= value) features per token per layer, ``num_key_value_heads * head_dim``; ``head_width``:
+    the LM head's input features ``d`` (its weight is ``vocab_size x d``), ``head_bias`` whether it
+    has a bias; ``logit_transform``: a config field that transforms the logits after the head."""
 
     source: str
     config_file: str
@@ -55,6 +58,9 @@ class ModelStats:
     num_layers: int
     kv_width: int
     vocab_size: int
+    head_width: int
+    head_bias: bool
+    logit_transform: str | None
 
 
 def find_model_config(source: str, model_configs: Path = DEFAULT_MODEL_CONFIGS) -> Path:
@@ -89,8 +95,10 @@ def model_stats(source: str, config_file: Path) -> ModelStats:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    lm_head = model.get_output_embeddings()
     return ModelStats(source, str(config_file), num_params, largest, config.num_hidden_layers,
-                      kv_heads * head_dim, config.vocab_size)
+                      kv_heads * head_dim, config.vocab_size, lm_head.weight.shape[1],
+                      getattr(lm_head, "bias", None) is not None, declared_logit_transform(config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,22 +160,32 @@ def kv_cache_bytes(model: ModelStats, batch: int, seq_len: int, dtype_bytes: int
     return 2 * model.num_layers * model.kv_width * batch * seq_len * dtype_bytes
 
 
-def teacher_distribution_bytes(cfg: RunConfig, vocab_size: int, batch: int) -> int:
-    """The teacher's next-token distributions a rollout carries for the single-step term, over
-    ``max_new_tokens`` positions: the full vocabulary (``exact``) or top-K values + int64 ids +
-    the tail mass (``topk``)."""
+TEACHER_SIGNAL_MODES = ("exact", "hidden", "topk")
+
+
+def teacher_signal_bytes(cfg: RunConfig, mode: str, teacher: ModelStats, batch: int) -> int:
+    """The teacher signal ``batch`` rollouts carry over ``max_new_tokens`` positions in ``mode``:
+    the full-vocabulary log-probs (``exact``: ``V`` values), the final hidden states (``hidden``:
+    ``d`` values), or top-K values + int64 ids + the tail mass (``topk``); values in
+    ``sampling.teacher_dist_dtype``. The PT term's and KD's teacher scores scale the same way."""
     sampling = cfg.sampling
-    if sampling.teacher_dist == "none":
-        return 0
     value = DTYPE_BYTES[sampling.teacher_dist_dtype]
-    per_position = vocab_size * value if sampling.teacher_dist == "exact" else sampling.teacher_topk * (value + 8) + 4
+    per_position = {"exact": teacher.vocab_size * value, "hidden": teacher.head_width * value,
+                    "topk": sampling.teacher_topk * (value + 8) + 4, "none": 0}[mode]
     return batch * sampling.max_new_tokens * per_position
 
 
-def rollout_worker_bytes(cfg: RunConfig, teacher: ModelStats, student: ModelStats, batch: int) -> dict[str, int]:
+def teacher_head_bytes(teacher: ModelStats) -> int:
+    """The frozen teacher LM head a learner rank holds in ``hidden`` mode: ``4 (V d + V)`` (fp32)."""
+    return 4 * teacher.vocab_size * (teacher.head_width + teacher.head_bias)
+
+
+def rollout_worker_bytes(cfg: RunConfig, teacher: ModelStats, student: ModelStats, batch: int,
+                         mode: str) -> dict[str, int]:
     """GPU memory of one rollout worker: teacher and student weights in ``model.dtype``, both KV
     caches for ``batch`` sequences of ``max_prompt_tokens + max_new_tokens``, and the teacher
-    distributions recorded for the batch. Not counted: per-step logits (``3 * batch * vocab`` fp32)."""
+    signal (``mode``, resolved) recorded for the batch. Not counted: per-step logits (``3 * batch
+    * vocab`` fp32)."""
     dtype = DTYPE_BYTES[cfg.model.dtype]
     seq_len = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
     parts = {
@@ -175,7 +193,7 @@ def rollout_worker_bytes(cfg: RunConfig, teacher: ModelStats, student: ModelStat
         "student_weights": student.num_params * dtype,
         "teacher_kv_cache": kv_cache_bytes(teacher, batch, seq_len, dtype),
         "student_kv_cache": kv_cache_bytes(student, batch, seq_len, dtype),
-        "teacher_distributions": teacher_distribution_bytes(cfg, teacher.vocab_size, batch),
+        "teacher_signal": teacher_signal_bytes(cfg, mode, teacher, batch),
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -347,10 +365,22 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
     if uses_teacher:
         teacher = stats_of(cfg.model.teacher)
         batch = math.ceil(cfg.train.num_rollouts / num_workers)
+        try:
+            mode = resolve_teacher_dist(cfg.sampling.teacher_dist, teacher.logit_transform)
+        except ValueError as err:
+            raise ValueError(f"{recipe}: {err}") from None
         memory["rollout_worker"] = {"rollout_batch": batch,
                                     "seq_len": cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                                     "dtype": cfg.model.dtype,
-                                    "bytes": rollout_worker_bytes(cfg, teacher, student, batch)}
+                                    "bytes": rollout_worker_bytes(cfg, teacher, student, batch, mode)}
+        head = teacher_head_bytes(teacher) if mode == "hidden" else 0
+        memory["teacher_signal"] = {
+            "mode": mode, "dtype": cfg.sampling.teacher_dist_dtype, "hidden_width": teacher.head_width,
+            "bytes_per_round": {m: teacher_signal_bytes(cfg, m, teacher, cfg.train.num_rollouts)
+                                for m in TEACHER_SIGNAL_MODES},
+            "learner_teacher_head_bytes": head}
+        for phase, learner in memory["learner"].items():
+            learner["teacher_head_bytes_per_gpu"] = head if phase in ("minillm", "kd") else 0
         if cluster.num_gpus and not runtime.worker_gpus:
             notes.append("runtime.worker_gpus is 0: the rollout workers (teacher + student copy) run on CPU")
         if cluster.num_gpus and 0 < runtime.worker_gpus < 1:
@@ -452,7 +482,9 @@ def render_text(plan: dict[str, Any]) -> str:
                              f"{_gib(mem['model_state_bytes_per_gpu'])}/GPU"
                              + (f", {_gib(mem['model_state_cpu_bytes_per_rank'])} CPU/rank" if offload else "")
                              + f" (P = {stage['models']['student']['num_params']:,} params, "
-                             f"largest layer {stage['models']['student']['largest_layer_params']:,})")
+                             f"largest layer {stage['models']['student']['largest_layer_params']:,})"
+                             + (f" + teacher LM head {_gib(mem['teacher_head_bytes_per_gpu'])}/GPU (fp32)"
+                                if mem.get("teacher_head_bytes_per_gpu") else ""))
             if workers["count"]:
                 shared = {tuple(slot) for group in workers["gpus"] for slot in group}  # a fraction shares GPUs
                 lines.append(f"  rollout workers: {workers['count']} x {workers['gpus_each']:g} GPU(s), GPUs "
@@ -461,6 +493,12 @@ def render_text(plan: dict[str, Any]) -> str:
                 parts = ", ".join(f"{key} {_gib(value)}" for key, value in worker["bytes"].items() if key != "total")
                 lines.append(f"    per worker ({worker['dtype']}, batch {worker['rollout_batch']} x "
                              f"{worker['seq_len']} tokens): {_gib(worker['bytes']['total'])} = {parts}")
+                signal = memory["teacher_signal"]
+                per_round = ", ".join(f"{mode} {value / GIB:.2f} GiB" for mode, value
+                                      in signal["bytes_per_round"].items() if mode != signal["mode"])
+                lines.append(f"  teacher signal: {signal['mode']} ({signal['dtype']}; hidden states are "
+                             f"{signal['hidden_width']} wide): {signal['bytes_per_round'][signal['mode']] / GIB:.2f} "
+                             f"GiB per round of full-length responses to the learners (other modes: {per_round})")
             lines.append(f"  host RAM at start-up: every learner rank loads the student in fp32 before DeepSpeed "
                          f"partitions it: {_gib(memory['learner_load_cpu_bytes_per_node'])} per node")
             lines.append("  rank 0 CPU copy of the student (weight sync, best/, validation): "
@@ -472,8 +510,11 @@ def render_text(plan: dict[str, Any]) -> str:
               "2P + 18P/N; ZeRO-3 16P/N + 4 min(P/N, sub_group_size) + 4L (N learner ranks, L largest layer); "
               "fp32: ZeRO-2 4P + 12P/N, ZeRO-3 16P/N + 8L; activations not included.",
               "rollout worker: (P_teacher + P_student) x dtype + 2 x layers x kv_width x batch x "
-              "(max_prompt_tokens + max_new_tokens) x dtype per model + batch x max_new_tokens x vocab x "
-              "teacher_dist_dtype (exact teacher distributions)."]
+              "(max_prompt_tokens + max_new_tokens) x dtype per model + batch x max_new_tokens x S, the teacher "
+              "signal per position: S = vocab x t (exact), d x t (hidden; d = the LM head's input width), "
+              "K x (t + 8) + 4 (topk), t = teacher_dist_dtype bytes.",
+              "teacher signal per round: num_rollouts x max_new_tokens x S; in hidden mode each minillm/kd learner "
+              "rank also holds the teacher LM head, 4 x vocab x (d + bias) bytes."]
     return "\n".join(lines)
 
 

@@ -22,7 +22,14 @@ from minillm_rl.config import RunConfig
 from minillm_rl.data import TokenizedExample, load_instructions, split_validation, tokenize_examples
 from minillm_rl.data.prepared import is_prepared_dir, load_prepared, load_prepared_pretrain
 from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
-from minillm_rl.models import check_model_files, check_tokenizers_compatible, load_tokenizer
+from minillm_rl.models import (
+    check_model_files,
+    check_tokenizers_compatible,
+    declared_logit_transform,
+    load_model_config,
+    load_tokenizer,
+    resolve_teacher_dist,
+)
 from minillm_rl.runtime.checkpointing import resume_source
 
 
@@ -68,6 +75,21 @@ def load_tokenizers(cfg: RunConfig):
         except ValueError as err:
             raise ValueError(f"model.teacher / model.student: {err}; MiniLLM needs one shared tokenizer") from None
     return student
+
+
+def teacher_signal_mode(cfg: RunConfig) -> str:
+    """``sampling.teacher_dist`` resolved against the teacher's config (``auto`` -> ``hidden`` or
+    ``exact``, see :func:`~minillm_rl.models.resolve_teacher_dist`); ``ValueError`` for ``hidden``
+    with a teacher whose config declares logits transformed after its LM head. Without a teacher
+    nothing is shipped: ``exact`` stands for ``auto``."""
+    requested, model = cfg.sampling.teacher_dist, cfg.model
+    if requested not in ("auto", "hidden") or not model.teacher:
+        return "exact" if requested == "auto" else requested
+    try:
+        config = load_model_config(model.teacher, model.teacher_gguf_file)
+        return resolve_teacher_dist(requested, declared_logit_transform(config))
+    except ValueError as err:
+        raise ValueError(f"{err} (model.teacher={model.teacher})") from None
 
 
 def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
@@ -140,6 +162,7 @@ def load_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
     check_world_size(cfg, world_size)
     check_precision_supported(cfg)
     tokenizer = load_tokenizers(cfg)
+    teacher_signal_mode(cfg)  # refuses a 'hidden' teacher signal the teacher's config rules out
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, valid = load_instruction_splits(cfg, tokenizer)
     references = [[tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()] for e in valid]

@@ -25,8 +25,15 @@ import torch.distributed as dist
 
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
 from minillm_rl.errors import RunFailed
-from minillm_rl.models import load_causal_lm
-from minillm_rl.runtime.inputs import CHECKPOINTS_SUBDIR, RunInputs, check_output_dir, load_run_inputs
+from minillm_rl.algorithm.teacher_head import TeacherHead
+from minillm_rl.models import load_causal_lm, load_lm_head
+from minillm_rl.runtime.inputs import (
+    CHECKPOINTS_SUBDIR,
+    RunInputs,
+    check_output_dir,
+    load_run_inputs,
+    teacher_signal_mode,
+)
 from minillm_rl.runtime.learner import (
     DEFAULT_DS_CONFIG,
     build_engine,
@@ -91,6 +98,9 @@ class TrainingRun:
         if self.is_coordinator:
             check_output_dir(cfg.output.dir)
         self.inputs = inputs if inputs is not None else load_run_inputs(cfg, world_size)
+        # The same on every rank (a function of the config and the teacher's config).
+        self.teacher_dist = teacher_signal_mode(cfg)
+        self._teacher_head: TeacherHead | None = None
         self.exported_version: int | None = None
         self.last_checkpoint_total_step = -1
         self.last_checkpoint: Path | None = None  # the newest verified checkpoint written or resumed from
@@ -114,6 +124,16 @@ class TrainingRun:
     def workers(self) -> list:
         """Rank 0's rollout worker actors (none on other ranks or without a teacher phase)."""
         return [] if self.fleet is None else self.fleet.workers
+
+    def teacher_head(self, device: torch.device | str) -> TeacherHead | None:
+        """The frozen teacher LM head on ``device`` (fp32, read from the teacher's checkpoint once per
+        rank) when the teacher signal is ``hidden``, else None."""
+        if self.teacher_dist != "hidden":
+            return None
+        if self._teacher_head is None:
+            self._teacher_head = load_lm_head(self.cfg.model.teacher, self.cfg.model.teacher_gguf_file)
+        self._teacher_head = self._teacher_head.to(device)
+        return self._teacher_head
 
     @property
     def tokenizer(self):

@@ -20,8 +20,10 @@ def phase_progress(run: TrainingRun, total: int, phase: str, unit: str) -> Progr
 
 
 def sampling_config(run: TrainingRun) -> SamplingConfig:
+    """The recipe's sampling section, with ``teacher_dist`` resolved (``auto``) for this teacher."""
     section = asdict(run.cfg.sampling)
-    return SamplingConfig(**{**section, "teacher_dist_dtype": getattr(torch, section["teacher_dist_dtype"])})
+    return SamplingConfig(**{**section, "teacher_dist": run.teacher_dist,
+                             "teacher_dist_dtype": getattr(torch, section["teacher_dist_dtype"])})
 
 
 def worker_calls(run: TrainingRun, method: str, argument_lists: list[tuple], what: str):

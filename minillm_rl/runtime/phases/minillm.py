@@ -68,7 +68,9 @@ class _RolloutClient:
         items = canonical_order(items)
         rollout = concat_rollouts([item.payload for item in items], run.pad_token_id)
         versions = [item.policy_version for item in items]
-        return rollout, {"rollout_policy_version/min": min(versions), "rollout_policy_version/max": max(versions)}
+        # rollout_bytes: the round's tensors as put into the replay store (the teacher signal dominates).
+        return rollout, {"rollout_policy_version/min": min(versions), "rollout_policy_version/max": max(versions),
+                         "rollout_bytes": sum(item.num_bytes for item in items)}
 
     def replay_stats(self) -> dict[str, float]:
         return {f"replay/{key}": value for key, value in self.client.replay_stats().items()}
@@ -78,15 +80,16 @@ class _PretrainFeed:
     """The PT term's batches (algorithm.md §4.4): optimizer step ``g`` of the phase takes chunk
     ``g`` (``train.micro_batch_size`` blocks) of the seeded permutations of the corpus blocks, so a
     resumed run draws the same blocks. When the term mixes in the teacher (``loss.kd_ratio > 0``),
-    rank 0 has the workers score every rank's rows in the ``sampling.teacher_dist`` mode (exact
-    or top-K) and broadcasts them; the next step's scores are requested before this step's are
-    awaited (the teacher is frozen, so they do not depend on the policy version)."""
+    rank 0 has the workers score every rank's rows in the ``sampling.teacher_dist`` mode (exact,
+    hidden states or top-K) and broadcasts them; the next step's scores are requested before this
+    step's are awaited (the teacher is frozen, so they do not depend on the policy version)."""
 
     def __init__(self, run: TrainingRun, blocks: torch.Tensor):
         self.run, self.blocks = run, blocks
-        sampling = run.cfg.sampling
-        self.top_k = None if run.cfg.loss.kd_ratio == 0 else (0 if sampling.teacher_dist == "exact"
-                                                              else sampling.teacher_topk)
+        sampling = sampling_config(run)
+        self.mode = None if run.cfg.loss.kd_ratio == 0 else sampling.teacher_dist  # exact, hidden or topk
+        self.top_k = sampling.teacher_topk if self.mode == "topk" else 0
+        self.hidden_dtype = sampling.teacher_dist_dtype if self.mode == "hidden" else None
         self._requested: dict = {}  # step -> WorkerCalls
 
     def _rank_rows(self, step: int) -> list[list[int]]:
@@ -96,29 +99,33 @@ class _PretrainFeed:
         return [rows[rank :: run.world_size] for rank in range(run.world_size)]
 
     def _request(self, step: int):
-        inputs = [(self.blocks[rows], torch.ones(len(rows), self.blocks.shape[1], dtype=torch.long), self.top_k)
-                  for rows in self._rank_rows(step)]
+        inputs = [(self.blocks[rows], torch.ones(len(rows), self.blocks.shape[1], dtype=torch.long), self.top_k, 0,
+                   self.hidden_dtype) for rows in self._rank_rows(step)]
         return worker_calls(self.run, "score_teacher", inputs, "PT")
 
-    def _teacher_scores(self, step: int) -> list[tuple] | None:
-        """Rank 0: every rank's teacher scores at the positions that predict a next token."""
+    def _teacher_scores(self, step: int) -> list[dict] | None:
+        """Rank 0: every rank's teacher scores (``PretrainBatch`` fields) at the positions that
+        predict a next token."""
         if not self.run.is_coordinator:
             return None
         calls = self._requested.pop(step, None) or self._request(step)
         self._requested[step + 1] = self._request(step + 1)
         results = calls.results()
-        if self.top_k == 0:
-            return [(r.logprobs[:, :-1], None, None) for r in results]
-        return [(None, r.topk_logprobs[:, :-1], r.topk_ids[:, :-1]) for r in results]
+        if self.mode == "hidden":
+            return [{"teacher_hidden": r.hidden[:, :-1]} for r in results]
+        if self.mode == "exact":
+            return [{"teacher_logprobs": r.logprobs[:, :-1]} for r in results]
+        return [{"teacher_topk_logprobs": r.topk_logprobs[:, :-1], "teacher_topk_ids": r.topk_ids[:, :-1]}
+                for r in results]
 
     def batch(self, step: int) -> PretrainBatch:
         """This rank's PT batch of phase step ``step`` (every rank calls it: a broadcast)."""
         run = self.run
         input_ids = self.blocks[self._rank_rows(step)[run.rank]]
-        if self.top_k is None:
+        if self.mode is None:
             return PretrainBatch(input_ids)
         scores = broadcast_from_coordinator(self._teacher_scores(step), run.rank, run.world_size)[run.rank]
-        return PretrainBatch(input_ids, *scores)
+        return PretrainBatch(input_ids, **scores)
 
 
 def run_minillm(run: TrainingRun, engine) -> None:
@@ -141,6 +148,8 @@ def run_minillm(run: TrainingRun, engine) -> None:
     pretrain = None if run.inputs.pretrain_blocks is None else _PretrainFeed(run, run.inputs.pretrain_blocks)
     overlap = cfg.runtime.max_staleness >= 1
     client = _RolloutClient(run, sampling) if run.is_coordinator else None
+    # hidden mode: the frozen teacher LM head, applied by the losses to the shipped hidden states.
+    teacher_head = run.teacher_head(getattr(engine, "device", "cpu"))
     engine.eval()  # as the reference: no dropout during MiniLLM updates
     if progress.phase_step == 0:
         select(run, engine)  # the initial (SFT) weights compete for best/ too
@@ -171,7 +180,8 @@ def run_minillm(run: TrainingRun, engine) -> None:
         history = ppo_round(engine, rollout, sampling, advantage_cfg, loss_cfg, train.ppo_epochs,
                             train.micro_batch_size // run.world_size,
                             torch.Generator().manual_seed(derived_seed(train.seed, "ppo", round_index)),
-                            pretrain=None if pretrain is None else lambda i: pretrain.batch(first_step + i))
+                            pretrain=None if pretrain is None else lambda i: pretrain.batch(first_step + i),
+                            teacher_head=teacher_head)
         timings["time/learn"] = time.perf_counter() - started
         steps_before = progress.total_steps
         previous_step = progress.phase_step

@@ -11,6 +11,7 @@ import torch
 from minillm_rl.algorithm.batching import SupervisedBatch, collate_supervised
 from minillm_rl.algorithm.ppo import apply_optimizer_step, token_mean_backward
 from minillm_rl.algorithm.supervised import supervised_micro_batch_loss, validation_loss
+from minillm_rl.algorithm.teacher_head import HiddenTeacher
 from minillm_rl.data import TokenizedExample
 from minillm_rl.runtime.phases.common import phase_progress, sampling_config, worker_calls
 from minillm_rl.runtime.resume import checkpoint, maybe_preempt
@@ -66,19 +67,26 @@ def teacher_response_examples(run: TrainingRun) -> list[TokenizedExample]:
     return [TokenizedExample(e.prompt_ids, response, "teacher") for e, response in zip(examples, responses)]
 
 
-def _teacher_logprobs(run: TrainingRun, examples, global_rows: list[int]) -> torch.Tensor:
-    """Word-level KD targets for this rank's batch: ``[B, T, V]`` teacher log-probs (temperature 1)
-    at the response positions, scored by the workers for every rank's batch (rank 0)."""
+def _kd_teacher(run: TrainingRun, examples, global_rows: list[int], engine) -> torch.Tensor | HiddenTeacher:
+    """Word-level KD targets for this rank's batch at the response positions, scored by the workers
+    for every rank's batch (rank 0): ``[B, T, V]`` teacher log-probs (temperature 1), or with the
+    ``hidden`` teacher signal its hidden states ``[B, T, d]`` with the learner's copy of its head."""
+    sampling = sampling_config(run)
+    hidden_dtype = sampling.teacher_dist_dtype if sampling.teacher_dist == "hidden" else None
     scores = None
     if run.is_coordinator:
         batches = [_rank_batch(run, examples, global_rows, rank) for rank in range(run.world_size)]
         # Position i predicts token i + 1: the T response tokens are predicted from P - 1 .. P + T - 2,
         # so the teacher scores the last T + 1 positions and the last one is dropped.
         inputs = [(torch.cat([b.prompt_ids, b.response_ids], 1),
-                   torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0, b.response_ids.shape[1] + 1)
-                  for b in batches]
-        scores = [r.logprobs[:, :-1] for r in worker_calls(run, "score_teacher", inputs, "kd").results()]
-    return broadcast_from_coordinator(scores, run.rank, run.world_size)[run.rank]
+                   torch.cat([b.prompt_mask, b.response_mask.long()], 1), 0, b.response_ids.shape[1] + 1,
+                   hidden_dtype) for b in batches]
+        scores = [(r.logprobs if hidden_dtype is None else r.hidden)[:, :-1]
+                  for r in worker_calls(run, "score_teacher", inputs, "kd").results()]
+    mine = broadcast_from_coordinator(scores, run.rank, run.world_size)[run.rank]
+    if hidden_dtype is None:
+        return mine
+    return HiddenTeacher(mine, run.teacher_head(getattr(engine, "device", "cpu")))
 
 
 def run_supervised(run: TrainingRun, engine) -> None:
@@ -105,7 +113,7 @@ def run_supervised(run: TrainingRun, engine) -> None:
             order, order_epoch = epoch_order(cfg.train.seed, "sft", epoch, len(examples)), epoch
         global_rows = order[offset * batch_size : (offset + 1) * batch_size]
         started = time.perf_counter()
-        teacher = _teacher_logprobs(run, examples, global_rows) if phase == "kd" else None
+        teacher = _kd_teacher(run, examples, global_rows, engine) if phase == "kd" else None
         batch = _rank_batch(run, examples, global_rows, run.rank)
         lr = engine.get_lr()[0]
         loss, _ = supervised_micro_batch_loss(engine, batch, teacher_logits=teacher, kd_ratio=cfg.loss.kd_ratio)

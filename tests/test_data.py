@@ -460,7 +460,7 @@ def test_prepare_dataset_counts_budgets_and_manifest(tmp_path):
 def test_prepared_dataset_trains_on_the_same_ids_as_the_direct_path(tmp_path):
     from types import SimpleNamespace
 
-    from minillm_rl.config import DataConfig
+    from minillm_rl.config import DataConfig, EvalConfig
     from minillm_rl.data.prepared import prepare_dataset
     from minillm_rl.runtime.inputs import load_instruction_splits
 
@@ -470,7 +470,10 @@ def test_prepared_dataset_trains_on_the_same_ids_as_the_direct_path(tmp_path):
                   skip_bad_records=True)
 
     def load(train):
-        return load_instruction_splits(SimpleNamespace(data=DataConfig(train=str(train), **common)), tokenizer)
+        cfg = SimpleNamespace(data=DataConfig(train=str(train), **common), eval=EvalConfig())
+        train, valid, held_out = load_instruction_splits(cfg, tokenizer)
+        assert held_out == []  # eval.num_test = 0: no test stage
+        return train, valid
 
     direct_train, direct_valid = load(source)
     prepared_train, prepared_valid = load(tmp_path / "prepared")
@@ -535,3 +538,27 @@ def test_prepare_data_cli_and_pretrain_blocks(tmp_path, capsys):
     assert blocks[0].tolist() == tokenizer("one two a b", add_special_tokens=False)["input_ids"]
     assert main(args[:-4] + ["--skip-bad-records", "--overwrite"]) == 0  # no corpus: no PT blocks
     assert load_prepared_pretrain(tmp_path / "prepared") is None
+
+
+def test_test_prompts_held_out_of_the_training_data_are_never_trained_or_validated_on(tmp_path):
+    """``eval.num_test`` splits the test prompts off before the validation split: disjoint from
+    both, references kept whole; without it the training and validation splits are unchanged."""
+    from types import SimpleNamespace
+
+    from minillm_rl.config import DataConfig, EvalConfig
+    from minillm_rl.runtime.inputs import load_instruction_splits, load_test_examples
+
+    source, tokenizer, settings = _prepare_case(tmp_path)
+    data = DataConfig(train=str(source), num_validation=3, max_prompt_tokens=settings.max_prompt_tokens,
+                      max_length=settings.max_length, skip_bad_records=True)
+    splits = {}
+    for num_test in (0, 2):
+        cfg = SimpleNamespace(data=data, eval=EvalConfig(num_test=num_test, max_new_tokens=8))
+        train, valid, held_out = load_instruction_splits(cfg, tokenizer)
+        test, references = load_test_examples(cfg, tokenizer, held_out)
+        splits[num_test] = ({e.source for e in train}, {e.source for e in valid}, [e.source for e in test])
+        assert len(held_out) == num_test and len(test) == len(references)
+        assert [[e.response] for e in held_out if e.source in {t.source for t in test}] == references
+    train, valid, test = splits[2]
+    assert len(test) == 2 and not set(test) & (train | valid) and not train & valid
+    assert (train | valid | set(test)) == (splits[0][0] | splits[0][1])

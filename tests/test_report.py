@@ -107,24 +107,6 @@ def test_report_table_numbers_and_curves(tmp_path):
     _assert_valid_png(report.curves_path)
 
 
-def test_demo_directory_gives_three_rows_and_its_checkpoint(tmp_path):
-    demo = tmp_path / "demo"
-    _write_metrics(demo, [{"stage": "sft", "step": 0, "loss": 2.0}, {"stage": "sft", "step": 1, "validation_loss": 1.5},
-                          {"stage": "minillm", "step": 1, "reward/mean": -1.0, "reverse_kl/per_token": 0.5,
-                           "response_len/mean": 12.0},
-                          {"stage": "minillm", "step": 2, "validation_rouge_l": 9.5}])
-    (demo / "best.json").write_text(json.dumps({"phase": "minillm", "round": 2, "validation_rouge_l": 9.5}))
-    rows = [{"model": "teacher", "rouge_l": 13.4, "rouge_l_per_seed": [13.4], "exact_match": 0.0},
-            {"model": "SFT student", "rouge_l": 10.5, "rouge_l_per_seed": [10.5], "exact_match": 0.0},
-            {"model": "MiniLLM student", "rouge_l": 12.3, "rouge_l_per_seed": [12.3], "exact_match": 0.0}]
-    (demo / "results.json").write_text(json.dumps({"rows": rows, "best_dir": str(demo / "best")}))
-    report = build_report([str(demo)], demo)
-    assert _row(report.table, "MiniLLM student")[1:] == ["12.30 ± 0.00", "0.00", "1 × 1", "9.50", "2",
-                                                         str(demo / "best"), str(demo)]
-    assert _row(report.table, "SFT student")[1] == "10.50 ± 0.00"
-    _assert_valid_png(demo / "curves.png")
-
-
 def test_resumed_steps_keep_the_last_value_and_cut_last_line_is_ignored(tmp_path):
     run = tmp_path / "run"
     _write_metrics(run, [{"stage": "minillm", "step": 2, "reward/mean": 1.0},

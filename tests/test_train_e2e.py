@@ -161,16 +161,26 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
 
 
-@pytest.mark.parametrize("ds_config, max_staleness, pt_corpus", [("zero2_fp32_cpu.json", 0, False),
-                                                                 ("zero3_fp32_cpu.json", 1, True)])
-def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_config, max_staleness, pt_corpus):
+@pytest.mark.parametrize("ds_config, max_staleness, pt_corpus, test_stage", [
+    ("zero2_fp32_cpu.json", 0, False, True), ("zero3_fp32_cpu.json", 1, True, False)])
+def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, monkeypatch, ds_config, max_staleness,
+                                                           pt_corpus, test_stage):
     out = tmp_path / "run"
     pt = (f"data.pretrain_corpus=[{assets['corpus']}]",) if pt_corpus else ()
+    test = ("eval.num_test=6", "eval.test_seeds=1", "eval.max_new_tokens=8", "eval.side_by_side=2",
+            "output.report_to=[tensorboard,wandb]") if test_stage else ()
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without a network
     result = _train(assets, out, f"runtime.deepspeed_config=ds_configs/{ds_config}",
-                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01", *pt)
+                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01", *pt, *test, timeout=480)
     _check_ok(result)
+    # The runtime is what ran, and its log reads as lines in a file: no carriage-return frames.
+    assert "starting 2 Ray rollout worker(s)" in result.stdout and "DeepSpeed engine over 2 learner rank(s)" in result.stdout
+    assert "\r" not in result.stdout + result.stderr
+    if test_stage:
+        _check_test_stage(out, result.stdout)
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["total_steps"] == SFT_STEPS + 6
+    sft_steps = (48 - 6) // 8 if test_stage else SFT_STEPS  # 6 of the 48 training examples held out for the test
+    assert summary["world_size"] == 2 and summary["total_steps"] == sft_steps + 6
 
     records = _metrics(out)
     scored = [r for r in records if r["stage"] == "minillm" and "validation_rouge_l" in r]
@@ -205,6 +215,28 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, ds_
     assert all(("pt/soft_ce" in r) == pt_corpus for r in rounds)
     if max_staleness == 1:  # overlapped: rounds after the first were generated one version back
         assert [r["rollout_policy_version/min"] for r in rounds] == [0, 0, 1]
+
+
+def _check_test_stage(out: Path, stdout: str) -> None:
+    """The test stage of a run (eval.num_test=6, one seed, two prompts side by side) and W&B offline."""
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert 1 <= len(answers) <= 6
+    assert all(set(a) == {"prompt", "reference", "teacher", "SFT init", "MiniLLM"} for a in answers)
+    results_md = (out / "results.md").read_text()
+    side = results_md.split("## Answers side by side")[1]
+    assert side.count("### Prompt ") == min(2, len(answers))
+    for name in ("reference", "teacher", "SFT init", "MiniLLM"):
+        assert f"| {name} |" in side
+    assert "## Paired differences" in results_md and "MiniLLM" in results_md
+    models = {model["name"]: model for model in json.loads((out / "results.json").read_text())["models"]}
+    assert list(models) == ["teacher", "SFT init", "MiniLLM"]
+    assert models["MiniLLM"]["dir"] == str(out / "eval") and models["SFT init"]["source"] == str(out / "sft_best_loss")
+    assert "reverse_kl" in models["MiniLLM"]["metrics"]
+    assert "reverse_kl" not in models["teacher"]["metrics"]  # judged by itself it would be 0
+    assert json.loads((out / "eval" / "results.json").read_text())["num_examples"] == len(answers)
+    assert (out / "curves.png").is_file() and f"results: {out / 'results.md'}" in stdout
+    # W&B offline: the run's files under wandb/, one run id kept for resumes.
+    assert list((out / "wandb").glob("offline-run-*")) and (out / "wandb_run_id").is_file()
 
 
 def _one_learner(assets) -> tuple[str, ...]:

@@ -17,19 +17,6 @@ from minillm_rl.errors import EXIT_BAD_INPUT, EXIT_FAILED, RunFailed
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # models.DTYPES' keys, without importing torch to parse
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from minillm_rl.demo import DemoSettings, run_demo
-
-    overrides = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        field_types = {f.name: f.type for f in dataclasses.fields(DemoSettings)}
-        if key not in field_types:
-            raise ValueError(f"--set {item}: unknown demo setting {key!r}; expected one of {sorted(field_types)}")
-        overrides[key] = {"int": int, "float": float, "str": str}[field_types[key]](value)
-    run_demo(args.out, DemoSettings(**overrides))
-
-
 def _eval(args: argparse.Namespace) -> None:
     from minillm_rl.evaluation.protocol import EvalConfig, evaluate_on_data, metrics_table
     from minillm_rl.evaluation.stats import BootstrapConfig
@@ -114,11 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm-rl", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # put first by the deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="SmolLM2 teacher → pruned student: SFT, MiniLLM, evaluation (CPU)")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--set", action="append", metavar="KEY=VALUE",
-                      help="override a demo setting, e.g. --set sft_steps=60 (repeatable)")
-    demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="generate on instruction data; Rouge-L, exact match, answer statistics and "
                                      "(with --teacher) distillation metrics, with bootstrap intervals")
@@ -177,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_prepare_data)
 
     rep = sub.add_parser("report", help="comparison table (report.md) + training curves (curves.png) of runs")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run / demo / eval directory, or NAME=DIR")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or eval directory, or NAME=DIR")
     rep.add_argument("--out", default="runs/report", help="output directory (default: runs/report)")
     rep.add_argument("--baseline", default=None, metavar="NAME",
                      help="the run name the paired differences are taken against (default: the first name)")
@@ -201,7 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars_off_a_terminal() -> None:
+    """Progress bars redraw one line with carriage returns: fine on a terminal, hundreds of kilobytes
+    of frames in a log file (CI, Slurm, ``tee``). Off a terminal, the libraries' bars (tqdm's,
+    Hugging Face's) are switched off through their environment variables, which the ranks and Ray
+    workers inherit; our own progress is whole lines (:class:`~minillm_rl.tracking.ProgressLine`)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_progress_bars_off_a_terminal()
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

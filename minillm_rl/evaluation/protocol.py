@@ -267,7 +267,8 @@ def _prompt_key(prompt_text: str) -> str:
 
 def evaluate_models(student, tokenizer, examples: Sequence[TokenizedExample], references: Sequence[Sequence[str]],
                     cfg: EvalConfig, teacher=None, bootstrap: BootstrapConfig = BootstrapConfig(),
-                    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS) -> EvalResult:
+                    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+                    teacher_samples: dict[int, list[list[int]]] | None = None) -> EvalResult:
     """The test evaluation of already-loaded models with the distillation metrics (spec §6).
 
     Under each seed of ``cfg`` the student samples one answer per example (the draws of
@@ -279,6 +280,10 @@ def evaluate_models(student, tokenizer, examples: Sequence[TokenizedExample], re
     vocabulary, ``max_logit_elements`` per forward). Per example these are averaged over the
     seeds, the student's NLL of the reference (``example.response_ids``) is added, and every
     metric gets a percentile bootstrap interval over the examples (:mod:`~minillm_rl.evaluation.stats`).
+
+    ``teacher_samples``: a dict (seed -> the teacher's answer ids) shared by the evaluations of
+    several students on the same examples: the teacher's answers depend only on the seed, so
+    they are sampled once and reused.
     """
     _check_references(examples, references)
     eos_token_id, pad_token_id = _special_ids(tokenizer)
@@ -292,7 +297,11 @@ def evaluate_models(student, tokenizer, examples: Sequence[TokenizedExample], re
                   "exact_match": exact_match_scores(texts["prediction"], references),
                   **answer_shape_scores(answer_ids, eos_token_id)}
         if teacher is not None:
-            teacher_ids = generate_token_ids(teacher, tokenizer, prompt_id_lists, cfg, seed)
+            cached = teacher_samples is not None and seed in teacher_samples
+            teacher_ids = teacher_samples[seed] if cached else \
+                generate_token_ids(teacher, tokenizer, prompt_id_lists, cfg, seed)
+            if teacher_samples is not None:
+                teacher_samples[seed] = teacher_ids
             texts["teacher_answer"] = _decode(tokenizer, teacher_ids)
             judged = score_responses(student, prompt_id_lists, answer_ids, pad_token_id, teacher, max_logit_elements)
             on_teacher_answers = score_responses(student, prompt_id_lists, teacher_ids, pad_token_id,

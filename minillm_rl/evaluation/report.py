@@ -5,15 +5,14 @@ A run directory is recognised by what it holds:
 - ``minillm-rl train``: ``config.yaml`` + ``metrics.jsonl`` (+ ``best.json``); its test scores
   are ``eval/results.json`` when ``minillm-rl eval --out RUN/eval`` was run on it. One row, named
   after its method (``train.phases``: SFT, KD, SeqKD, MiniLLM).
-- the demo: ``results.json`` with ``rows`` (teacher, SFT student, MiniLLM student) + metrics.
 - ``minillm-rl eval``: ``results.json`` alone. One row, named after the directory.
 
 ``NAME=DIR`` names a row explicitly; rows with the same name (e.g. one method, three training
 seeds) are merged: their test Rouge-L is the mean over runs, ± the std over runs (one run: ± the
 std over its evaluation seeds).
 
-Runs whose results carry per-prompt values (``minillm-rl eval`` of this version; a demo row may
-carry the same fields) also get the metrics table (every metric of ``protocol.METRICS``, mean and
+Runs whose results carry per-prompt values (``minillm-rl eval`` and a train run's test stage,
+:mod:`~minillm_rl.runtime.test_stage`) also get the metrics table (every metric of ``protocol.METRICS``, mean and
 bootstrap interval over prompts per name) and paired differences of each name against a baseline
 name (``--baseline``; default: the first name), each with a paired bootstrap interval over the
 same prompts. Runs of one name are averaged prompt by prompt first, so these intervals are over
@@ -164,21 +163,6 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
     return scores
 
 
-def _demo_run(run_dir: Path, results: dict[str, Any]) -> list[ModelScores]:
-    best = _read_json(run_dir / "best.json") if (run_dir / "best.json").is_file() else {}
-    rows = []
-    for row in results["rows"]:
-        per_seed = row.get("rouge_l_per_seed") or [row["rouge_l"]]
-        scores = ModelScores(row["model"], str(run_dir), test_rouge_l_per_seed=[float(v) for v in per_seed],
-                             exact_match=float(row["exact_match"]))
-        scores.prompt_keys, scores.per_prompt = _per_prompt_values(row, run_dir / "results.json")
-        if row["model"].startswith("MiniLLM") and best:
-            scores.checkpoint = results.get("best_dir", "")
-            scores.best_validation_rouge_l, scores.best_step = best["validation_rouge_l"], best["round"]
-        rows.append(scores)
-    return rows
-
-
 def parse_run_argument(argument: str) -> tuple[str | None, Path]:
     """``"NAME=DIR"`` -> ``(NAME, DIR)``; ``"DIR"`` -> ``(None, DIR)`` (a ``=`` inside an existing
     path is part of the path)."""
@@ -192,7 +176,7 @@ def read_run(argument: str) -> tuple[list[ModelScores], RunCurves | None]:
     """The model rows and curves of one run directory (see the module docstring)."""
     name, run_dir = parse_run_argument(argument)
     if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: not a directory; expected a run directory of `minillm-rl train`, the demo "
+        raise ValueError(f"{run_dir}: not a directory; expected a run directory of `minillm-rl train` "
                          "or `minillm-rl eval`")
     metrics, results_path = run_dir / "metrics.jsonl", run_dir / "results.json"
     curves = None
@@ -204,16 +188,12 @@ def read_run(argument: str) -> tuple[list[ModelScores], RunCurves | None]:
         return [_train_run(run_dir, name)], curves
     if results_path.is_file():
         results = _read_json(results_path)
-        if isinstance(results, dict) and isinstance(results.get("rows"), list):
-            if curves is None:
-                raise ValueError(f"{run_dir}: no metrics.jsonl; expected a demo run directory that has logged steps")
-            return _demo_run(run_dir, results), curves
         per_seed, exact = _eval_scores(results, results_path)
         keys, per_prompt = _per_prompt_values(results, results_path)
         return [ModelScores(name or run_dir.name, str(run_dir), str(results.get("model", "")), per_seed, exact,
                             prompt_keys=keys, per_prompt=per_prompt)], None
     raise ValueError(f"{run_dir}: no metrics.jsonl or results.json; expected a run directory of `minillm-rl "
-                     "train`, the demo or `minillm-rl eval`")
+                     "train` or `minillm-rl eval`")
 
 
 def _mean_std(values: list[float]) -> str:
@@ -314,7 +294,7 @@ def plot_curves(curves: Sequence[RunCurves], path: str | os.PathLike) -> Path:
                     axis.plot(steps, values, marker="." if len(points) < 30 else None,
                               label=f"{run.label} ({stage})")
         axis.set_title(title)
-        axis.set_xlabel("step (demo: MiniLLM round)")
+        axis.set_xlabel("optimizer step of the phase")
         if axis.lines:
             axis.legend(fontsize="small" if len(axis.lines) <= 6 else "x-small")
         else:

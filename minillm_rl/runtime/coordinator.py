@@ -40,6 +40,7 @@ from minillm_rl.runtime.preemption import PreemptionSignals, children_ignore_sig
 from minillm_rl.runtime.resume import Preempted, restore, resume_point
 from minillm_rl.runtime.run import TrainingRun
 from minillm_rl.runtime.selection import write_best_json
+from minillm_rl.runtime.test_stage import run_test_stage
 from minillm_rl.tracking import atomic_write_json, log_line
 
 
@@ -123,4 +124,9 @@ def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | 
             run.close()
     if world_size > 1:
         dist.barrier()  # no rank tears the group down while another still saves
+    if code == 0 and rank == 0 and run.inputs.test_examples:
+        # After the barrier: the other ranks are done, so a long test stage cannot time out a collective.
+        results = run_test_stage(cfg, run.inputs)
+        log_line(f"results: {results} (answers side by side), report: {results.parent / 'report.md'}, "
+                 f"curves: {results.parent / 'curves.png'}, best checkpoint: {results.parent / 'best'}")
     return code

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from minillm_rl.config import RunConfig
-from minillm_rl.data import TokenizedExample, load_instructions, split_validation, tokenize_examples
+from minillm_rl.data import (
+    InstructionExample,
+    TokenizedExample,
+    load_instructions,
+    split_validation,
+    tokenize_examples,
+)
 from minillm_rl.data.prepared import is_prepared_dir, load_prepared, load_prepared_pretrain
 from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
 from minillm_rl.models import (
@@ -39,8 +45,9 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 @dataclass
 class RunInputs:
     """What every phase reads: the shared tokenizer, the split and tokenised instruction data,
-    the validation references (decoded responses) and the PT corpus blocks
-    (``[num_blocks, block_size]``, or ``None`` without a PT term)."""
+    the validation references (decoded responses), the PT corpus blocks (``[num_blocks,
+    block_size]``, or ``None`` without a PT term), and the test stage's examples and references
+    (empty without one)."""
 
     tokenizer: object
     pad_token_id: int
@@ -48,6 +55,8 @@ class RunInputs:
     valid_examples: list[TokenizedExample]
     references: list[list[str]]
     pretrain_blocks: torch.Tensor | None
+    test_examples: list[TokenizedExample]
+    test_references: list[list[str]]
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
@@ -92,23 +101,54 @@ def teacher_signal_mode(cfg: RunConfig) -> str:
         raise ValueError(f"{err} (model.teacher={model.teacher})") from None
 
 
-def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """``(train, validation)`` tokenised examples, from a prepared dataset or the raw source."""
+def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample],
+                                                                  list[InstructionExample]]:
+    """``(train, validation, test)``: tokenised training and validation examples, from a prepared
+    dataset or the raw source, and the raw examples held out for the test stage
+    (``eval.num_test`` of ``data.train``, split off first; see :func:`load_test_examples`)."""
     data = cfg.data
     if is_prepared_dir(data.train):  # `minillm-rl prepare-data` output: already split and tokenised
-        return load_prepared(data.train, tokenizer, data)
-    loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records)
-    if len(loaded.examples) <= data.num_validation:
-        raise ValueError(f"data.num_validation={data.num_validation} leaves no training examples "
-                         f"({data.train} has {len(loaded.examples)})")
-    train, valid = split_validation(loaded.examples, data.num_validation, data.split_seed)
+        for dotted, value in (("eval.num_test", cfg.eval.num_test), ("data.max_examples", data.max_examples)):
+            if value:
+                raise ValueError(f"{dotted}={value}: data.train ({data.train}) is a prepared dataset, already "
+                                 f"split; prepare it with the records you want (or give eval.test_data)")
+        return (*load_prepared(data.train, tokenizer, data), [])
+    loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records,
+                               max_examples=data.max_examples or None)
+    held_out = cfg.eval.num_test
+    if len(loaded.examples) <= data.num_validation + held_out:
+        raise ValueError(f"data.num_validation={data.num_validation} and eval.num_test={held_out} leave no "
+                         f"training examples ({data.train} has {len(loaded.examples)})")
+    rest, test = split_validation(loaded.examples, held_out, data.split_seed)
+    train, valid = split_validation(rest, data.num_validation, data.split_seed)
     budgets = (data.max_prompt_tokens, data.max_length - data.max_prompt_tokens)
     train, _ = tokenize_examples(train, tokenizer, *budgets, template=data.template)
     valid, _ = tokenize_examples(valid, tokenizer, *budgets, template=data.template)
     if not train or not valid:
         raise ValueError(f"data.train: {data.train} has no example whose prompt fits data.max_prompt_tokens="
                          f"{data.max_prompt_tokens} in the {'training' if not train else 'validation'} split")
-    return train, valid
+    return train, valid, test
+
+
+def load_test_examples(cfg: RunConfig, tokenizer, held_out: list[InstructionExample]
+                       ) -> tuple[list[TokenizedExample], list[list[str]]]:
+    """The test stage's prompts, tokenised like the training data, and their references (the
+    whole responses, untruncated, as ``minillm-rl eval`` scores them): ``eval.test_data`` or the
+    examples held out of ``data.train``; empty when the run has no test stage."""
+    data, eval_cfg = cfg.data, cfg.eval
+    if eval_cfg.test_data:
+        held_out = load_instructions(eval_cfg.test_data, split=eval_cfg.test_split, skip_bad=data.skip_bad_records,
+                                     max_examples=eval_cfg.num_test or None).examples
+    if not held_out:
+        return [], []
+    examples, _ = tokenize_examples(held_out, tokenizer, data.max_prompt_tokens, eval_cfg.max_new_tokens,
+                                    template=data.template)
+    if not examples:
+        where = eval_cfg.test_data or "the examples held out of data.train (eval.num_test)"
+        raise ValueError(f"eval: {where} has no example whose prompt fits data.max_prompt_tokens="
+                         f"{data.max_prompt_tokens}")
+    by_source = {example.source: example.response for example in held_out}
+    return examples, [[by_source[example.source]] for example in examples]
 
 
 def load_pretrain_blocks(cfg: RunConfig, tokenizer) -> torch.Tensor | None:
@@ -164,9 +204,11 @@ def load_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
     tokenizer = load_tokenizers(cfg)
     teacher_signal_mode(cfg)  # refuses a 'hidden' teacher signal the teacher's config rules out
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, valid = load_instruction_splits(cfg, tokenizer)
+    train, valid, held_out = load_instruction_splits(cfg, tokenizer)
     references = [[tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()] for e in valid]
-    return RunInputs(tokenizer, pad_token_id, train, valid, references, load_pretrain_blocks(cfg, tokenizer))
+    test, test_references = load_test_examples(cfg, tokenizer, held_out)
+    return RunInputs(tokenizer, pad_token_id, train, valid, references, load_pretrain_blocks(cfg, tokenizer),
+                     test, test_references)
 
 
 def check_output_dir(directory: str | os.PathLike) -> None:

@@ -226,3 +226,20 @@ def test_deepspeed_file_must_agree_with_recipe(tmp_path):
     ds_path.write_text("{not json")
     with pytest.raises(ConfigError, match=r"runtime\.deepspeed_config: .*ds\.json is not valid JSON"):
         load_config(None, REQUIRED + [f"runtime.deepspeed_config={ds_path}"])
+
+
+def test_validation_protocol_is_the_training_sampling_or_the_test_protocol():
+    """``eval.validation`` picks how checkpoint-selection texts are sampled (one seed either way)."""
+    from types import SimpleNamespace
+
+    from minillm_rl.runtime.selection import validation_config
+
+    cfg = load_config(None, [*REQUIRED, "sampling.top_k=7", "sampling.max_new_tokens=32", "eval.max_new_tokens=48",
+                             "eval.no_repeat_ngram_size=5"])
+    sampling = validation_config(SimpleNamespace(cfg=cfg))
+    assert (sampling.top_k, sampling.no_repeat_ngram_size, sampling.max_new_tokens) == (7, 0, 32)
+    test = validation_config(SimpleNamespace(cfg=load_config(None, [*REQUIRED, "eval.validation=test",
+                                                                    "eval.max_new_tokens=48",
+                                                                    "eval.no_repeat_ngram_size=5"])))
+    assert (test.temperature, test.top_k, test.no_repeat_ngram_size, test.max_new_tokens) == (1.0, 0, 5, 48)
+    assert sampling.seeds == test.seeds == (cfg.train.seed,)

@@ -249,9 +249,14 @@ def test_bench_quality_plan_equalises_the_budget_and_sets_each_ablation(tmp_path
     base = load_config(str(bench.RECIPE), common)
     num_train = 1000
     runs = bench.plan_runs(tmp_path, base, num_train, seeds=[1, 2], epochs=3, sft_epochs=2)
-    # 7 methods and one shared SFT init per seed, each trained before the MiniLLM variants using it.
-    assert len(runs) == (7 + 1) * 2 and len({run.run_dir for run in runs}) == 16
+    # 8 methods and one shared SFT init per seed, each trained before the MiniLLM variants using it.
+    assert len(runs) == (8 + 1) * 2 and len({run.run_dir for run in runs}) == 18
     assert [run.reported for run in runs].count(False) == 2
+    # The two tables: main = the four methods; ablations = MiniLLM (the same runs) and its variants.
+    names = {table: {run.name for run in bench.plan_runs(tmp_path, base, num_train, [1], 3, 2, table=table)}
+             for table in bench.TABLES}
+    assert names["main"] == {"SFT", "KD", "SeqKD", "MiniLLM", bench.SFT_INIT}
+    assert names["main"] & names["ablations"] == {"MiniLLM", bench.SFT_INIT} and len(names["ablations"]) == 6
     for index, run in enumerate(runs):
         assert run.init is None or run.init in runs[:index]
     configs = {run: load_config(str(bench.RECIPE), [*common, *run.overrides]) for run in runs}
@@ -267,7 +272,7 @@ def test_bench_quality_plan_equalises_the_budget_and_sets_each_ablation(tmp_path
     init = by_name[bench.SFT_INIT]
     assert init.train.phases == ["sft"] and init.sft.num_epochs == 2 and init.train.seed == 2
     minillm_variants = [run for run in runs if run.name.startswith("MiniLLM") and run.run_dir.name.endswith("seed2")]
-    assert len(minillm_variants) == 4
+    assert len(minillm_variants) == 5
     for run in minillm_variants:
         # Each variant starts from the same seed's SFT init, so the switch is the only difference.
         assert configs[run].train.phases == ["minillm"] and configs[run].train.seed == 2
@@ -275,8 +280,15 @@ def test_bench_quality_plan_equalises_the_budget_and_sets_each_ablation(tmp_path
     assert by_name["MiniLLM"].sampling.alpha == base.sampling.alpha > 0
     assert by_name["MiniLLM w/o teacher-mixed sampling"].sampling.alpha == 0
     assert by_name["MiniLLM w/o length normalisation"].advantage.length_normalize is False
-    assert by_name["MiniLLM w/o single-step term"].loss.single_step is False
+    # The paper's single-step comparison: the same gradient with r_t only in the single-step term, or
+    # only in the reward-to-go; full MiniLLM (the reference) has both.
+    decomposed = by_name["MiniLLM, r_t only in the single-step term (decomposed)"]
+    undecomposed = by_name["MiniLLM, r_t in the reward-to-go, w/o single-step term"]
+    assert (decomposed.advantage.include_current_reward, decomposed.loss.single_step) == (False, True)
+    assert (undecomposed.advantage.include_current_reward, undecomposed.loss.single_step) == (True, False)
     assert by_name["MiniLLM"].advantage.length_normalize and by_name["MiniLLM"].loss.single_step
+    assert by_name["MiniLLM"].advantage.include_current_reward
+    assert base.eval.validation == "test"  # selected under the test protocol
     with pytest.raises(ValueError, match="--sft-epochs 3"):
         bench.plan_runs(tmp_path, base, num_train, [1], epochs=3, sft_epochs=3)
     with pytest.raises(ValueError, match="unknown"):
@@ -306,9 +318,43 @@ def test_bench_quality_resume_state_and_dry_run_on_tiny_assets(tmp_path, capsys)
     pool_lines = (data_dir / "train_pool.jsonl").read_text().splitlines()
     assert len(test_lines) == 6 and len(pool_lines) == 34 and not set(test_lines) & set(pool_lines)
     plan = capsys.readouterr().out
-    assert len([line for line in plan.splitlines() if "seed1" in line]) == 7 + 1 and " fresh " in plan
+    assert len([line for line in plan.splitlines() if "seed1" in line]) == 4 + 1 and " fresh " in plan
     # A second invocation keeps the held-out split and the prepared data (resumable).
     before = (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns
     bench.main(args)
     assert (data_dir / "test.jsonl").read_text().splitlines() == test_lines
     assert (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns == before
+
+
+def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path):
+    """``--size gpu`` (bf16 ZeRO-2, its batch and length settings) through the real script on tiny
+    models on CPU, with the GPU-only placement turned off: SFT and MiniLLM (with its SFT init and
+    the PT term) train, every model is evaluated with the distillation metrics, and the report has
+    the paired differences against SFT. The teacher's answers are sampled once and kept."""
+    from tiny_assets import write_assets
+
+    bench = _bench_module()
+    assets = write_assets(tmp_path / "assets", num_examples=40)
+    out = tmp_path / "bench"
+    tiny = [f"--set={item}" for item in (
+        "runtime.worker_gpus=0", "runtime.worker_threads=1", "data.template=minillm", "data.num_validation=4",
+        "data.max_prompt_tokens=64", "data.max_length=80", "sampling.max_new_tokens=8", "eval.max_new_tokens=8",
+        "sft.batch_size=8", "sft.micro_batch_size=8", "train.num_rollouts=8", "train.micro_batch_size=8",
+        "train.eval_interval=100", "sft.optim.warmup_steps=1", "runtime.rpc_timeout_s=120",
+        "runtime.collective_timeout_s=300")]
+    bench.main(["--size", "gpu", "--out", str(out), "--teacher", str(assets["teacher"]), "--student",
+                str(assets["student"]), "--data", str(assets["data"]), "--pt-corpus", str(assets["corpus"]),
+                "--num-test", "4", "--seeds", "1", "--test-seeds", "1", "--epochs", "2", "--sft-epochs", "1",
+                "--methods", "SFT", "MiniLLM", *tiny])
+    config = yaml.safe_load((out / "runs" / "minillm-seed1" / "config.yaml").read_text())
+    assert config["model"]["dtype"] == "bfloat16" and config["runtime"]["deepspeed_config"].endswith("zero2_bf16.json")
+    assert config["data"]["pretrain_corpus"] == [str(assets["corpus"])] and config["eval"]["validation"] == "test"
+    sft_config = yaml.safe_load((out / "runs" / "sft-seed1" / "config.yaml").read_text())
+    assert sft_config["data"]["pretrain_corpus"] == []
+    minillm = json.loads((out / "runs" / "minillm-seed1" / "eval" / "results.json").read_text())
+    assert {"reverse_kl", "teacher_nll", "student_nll_teacher"} <= set(minillm["metrics"])
+    assert "reverse_kl" not in json.loads((out / "eval-teacher" / "results.json").read_text())["metrics"]
+    report = (out / "main" / "report.md").read_text()
+    assert "## Paired differences" in report and "MiniLLM − SFT" in report
+    samples = json.loads((out / "teacher_samples.json").read_text())
+    assert list(samples["samples"]) == ["1"] and len(samples["samples"]["1"]) == 4

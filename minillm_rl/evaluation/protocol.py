@@ -406,14 +406,15 @@ def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.Path
                      split: str = "test", dtype: str = "float32", device: str = "auto",
                      gguf_file: str | None = None, teacher_source: str | None = None,
                      teacher_gguf_file: str | None = None,
-                     bootstrap: BootstrapConfig = BootstrapConfig()) -> EvalResult:
+                     bootstrap: BootstrapConfig = BootstrapConfig(),
+                     teacher_samples: dict[int, list[list[int]]] | None = None) -> EvalResult:
     """``minillm-rl eval``: load a model (an HF directory, a hub name, or ``gguf_file`` in the
     ``model_source`` directory) in ``dtype`` on ``device``, optionally a teacher the same way,
     and instruction data; :func:`evaluate_models`; write the result files.
 
     References are the data's responses, untruncated; prompts over ``max_prompt_tokens`` are
     dropped (and counted in ``results.json`` under ``settings.preparation``). The teacher must
-    share the model's tokenizer.
+    share the model's tokenizer. ``teacher_samples``: see :func:`evaluate_models`.
     """
     from minillm_rl.data import load_instructions, tokenize_examples
     from minillm_rl.models import check_tokenizers_compatible, load_causal_lm, load_tokenizer, resolve_device, \
@@ -436,7 +437,8 @@ def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.Path
     references = [[by_source[example.source].response] for example in examples]
     teacher = None if teacher_source is None else \
         load_causal_lm(teacher_source, dtype=target_dtype, gguf_file=teacher_gguf_file).to(target_device)
-    result = evaluate_models(model, tokenizer, examples, references, cfg, teacher, bootstrap)
+    result = evaluate_models(model, tokenizer, examples, references, cfg, teacher, bootstrap,
+                             teacher_samples=teacher_samples)
     result.settings["preparation"] = dataclasses.asdict(counts)
     result.settings["model"] = {"source": str(model_source), "gguf_file": gguf_file, "dtype": dtype,
                                 "device": str(target_device)}

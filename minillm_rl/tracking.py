@@ -4,6 +4,7 @@ atomic-write helpers."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks (checkpoint and student manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -72,6 +82,37 @@ def log_line(text: str) -> None:
 
 def _format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class StageClock:
+    """Adds the seconds of each ``measure(stage)`` block to ``timings[stage]``; a block nested in
+    another is taken out of the outer one's time (e.g. the teacher's steps inside decoding), so
+    the stages add up to the wall time. A no-op when ``timings`` is ``None``. ``sync`` runs at
+    every block edge (e.g. ``torch.cuda.synchronize``, so GPU kernels count where they ran)."""
+
+    def __init__(self, timings: dict[str, float] | None, sync: Callable[[], None] | None = None):
+        self.timings, self.sync = timings, sync
+        self._open: list[str] = []
+
+    @contextlib.contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        if self.sync is not None:
+            self.sync()
+        started = time.perf_counter()
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                self.sync()
+            seconds = time.perf_counter() - started
+            self._open.pop()
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+            if self._open:
+                self.timings[self._open[-1]] = self.timings.get(self._open[-1], 0.0) - seconds
 
 
 class ProgressLine:

@@ -15,6 +15,9 @@ import sys
 from minillm_rl.errors import EXIT_BAD_INPUT, EXIT_FAILED, RunFailed
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # models.DTYPES' keys, without importing torch to parse
+# init-student's --heal-<name> flags that set healing.HealSettings.<name> when given.
+HEAL_SETTING_FLAGS = ("block_size", "batch_size", "lr", "kd_ratio", "validation_blocks", "teacher_dtype",
+                      "eval_every_tokens")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -33,10 +36,31 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _init_student(args: argparse.Namespace) -> None:
-    from minillm_rl.models import init_student, torch_dtype
+    corpus_given = bool(args.heal_corpus) or args.heal_instructions is not None
+    if args.heal_tokens == 0 and corpus_given:
+        raise ValueError("--heal-corpus / --heal-instructions need --heal-tokens N > 0 (the healing budget)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected >= 1")
+    import torch
 
-    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype))
-    print(f"student with {args.layers} layers written to {out} (train it with SFT before use)")
+    from minillm_rl.data.healing_corpus import CorpusSource
+    from minillm_rl.healing import HealSettings, init_student
+    from minillm_rl.models import torch_dtype
+
+    heal = corpus = None
+    if args.heal_tokens:
+        # Flags left out keep the HealSettings defaults (one place for them).
+        given = {name: getattr(args, f"heal_{name}") for name in HEAL_SETTING_FLAGS} | {"seed": args.seed}
+        heal = HealSettings(tokens=args.heal_tokens, **{name: value for name, value in given.items() if value is not None})
+        corpus = CorpusSource(text=tuple(args.heal_corpus or ()), instructions=args.heal_instructions,
+                              template=args.heal_template, reserved_examples=args.heal_reserved_examples)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    interval = {} if args.heal_checkpoint_minutes is None else {"checkpoint_interval_s": 60 * args.heal_checkpoint_minutes}
+    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype),
+                       heal=heal, corpus=corpus, **interval)
+    print(f"student with {args.layers} layers written to {out}" +
+          (" (healed; see student_manifest.json)" if heal else " (train it with SFT before use)"))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -133,13 +157,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, help="auto | none | a checkpoint path (default: output.resume)")
     train.set_defaults(func=_train)
 
-    init = sub.add_parser("init-student", help="a student made of evenly spaced teacher layers (needs SFT)")
+    init = sub.add_parser("init-student", help="a student made of evenly spaced teacher layers, optionally healed by "
+                                               "word-level distillation from the teacher on plain text")
     init.add_argument("--teacher", required=True, help="HF model directory, hub name, or GGUF directory")
     init.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher")
     init.add_argument("--layers", type=int, required=True, help="number of layers to keep")
     init.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
-                      help="dtype the teacher is loaded in and the student saved in")
+                      help="dtype the student is saved in (and the teacher loaded in without healing)")
     init.add_argument("--out", required=True)
+    heal = init.add_argument_group("healing", "word-level distillation from the teacher on plain text (see the README)")
+    heal.add_argument("--heal-tokens", type=int, default=0,
+                      help="healing budget in training tokens (0, the default: no healing)")
+    source = heal.add_mutually_exclusive_group()
+    source.add_argument("--heal-corpus", nargs="+", metavar="FILE", help="plain-text files / directories of *.txt")
+    source.add_argument("--heal-instructions", metavar="SOURCE",
+                        help="instruction data whose prompt + response texts are the corpus: 'sharegpt', jsonl, json "
+                             "or a datasets name/dir")
+    heal.add_argument("--heal-template", default="chat", choices=["minillm", "chat"],
+                      help="prompt template of --heal-instructions (default: chat)")
+    heal.add_argument("--heal-reserved-examples", type=int, default=0,
+                      help="leave out the first N examples of --heal-instructions and every later one repeating their "
+                           "prompts (keep them for evaluation; default 0)")
+    heal.add_argument("--heal-block-size", type=int, default=None, help="tokens per block (default 256)")
+    heal.add_argument("--heal-batch-size", type=int, default=None, help="blocks per optimizer step (default 8)")
+    heal.add_argument("--heal-lr", type=float, default=None, help="peak lr; 5%% warm-up, cosine to 0 (default 3e-4)")
+    heal.add_argument("--heal-kd-ratio", type=float, default=None,
+                      help="weight of the soft CE to the teacher; 1 - it goes to next-token CE (default 1)")
+    heal.add_argument("--heal-validation-blocks", type=int, default=None,
+                      help="held-out blocks for the NLL before/after (never trained on; default 32)")
+    heal.add_argument("--heal-teacher-dtype", default=None, choices=DTYPE_NAMES,
+                      help="dtype the teacher scores the blocks in (default float32)")
+    heal.add_argument("--heal-eval-every-tokens", type=int, default=None,
+                      help="held-out NLL every N training tokens, into the manifest's curve (default 0: before/after)")
+    heal.add_argument("--heal-checkpoint-minutes", type=float, default=None,
+                      help="checkpoint into OUT.healing/ every N minutes of training; the same command resumes it "
+                           "(default 10)")
+    heal.add_argument("--seed", type=int, default=None, help="document order, held-out choice, block order (default 0)")
+    heal.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     init.set_defaults(func=_init_student)
 
     prep = sub.add_parser("prepare-data", help="split + tokenise instruction data once into a versioned dataset dir")

@@ -8,7 +8,7 @@ concatenated in order and cut into ``[num_blocks, block_size]``; the last partia
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -41,18 +41,23 @@ def read_text_documents(paths: Iterable[str | Path],
     return documents
 
 
+def document_token_ids(documents: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Each document's tokens (no special tokens) followed by EOS, one list per document, lazily."""
+    eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; expected one to separate documents")
+    for document in documents:
+        yield tokenizer(document, add_special_tokens=False)["input_ids"] + [eos_token_id]
+
+
 def pack_into_blocks(documents: Iterable[str], tokenizer: Any, block_size: int) -> torch.Tensor:
     """``[num_blocks, block_size]`` long: the documents' tokens, EOS after each, in blocks."""
     if block_size < 2:
         raise ValueError(f"block_size={block_size}; expected >= 2 (a block predicts its own "
                          "next tokens)")
-    eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; expected one to separate documents")
     stream: list[int] = []
-    for document in documents:
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-        stream.append(eos_token_id)
+    for token_ids in document_token_ids(documents, tokenizer):
+        stream.extend(token_ids)
     num_blocks = len(stream) // block_size
     if num_blocks == 0:
         raise ValueError(f"the corpus has {len(stream)} tokens; expected at least one block of "

@@ -26,17 +26,15 @@ system, as DeepSpeed's multi-node resume needs anyway).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minillm_rl.tracking import atomic_write_json
+from minillm_rl.tracking import atomic_write_json, file_sha256
 
 MANIFEST_NAME = "manifest.json"
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 def checkpoint_tag(phase_index: int, phase: str, phase_step: int) -> str:
@@ -84,13 +82,6 @@ def checkpoint_tags(checkpoint_dir: str | Path) -> list[str]:
             tags.append(entry.name)
     return sorted(tags, key=_run_order, reverse=True)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoint_files(tag_dir: Path) -> list[str]:

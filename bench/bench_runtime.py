@@ -14,17 +14,19 @@ term on, one update per batch of 8, exactly 128 new tokens per response (EOS dis
   ``bench/trl_runner.py``.
 
 samples/s = 8 x timed batches / their seconds; the first batch of every system is a warm-up and
-is left out. Targets (issue 3): ours >= 1.5 x MiniLLMTrainer and >= 1.2 x DistillationTrainer.
-Then ``bench_staleness`` runs ``minillm-rl train`` (Ray worker + DeepSpeed learner) with
-``max_staleness`` 0 and 1 and prints per-round stage times and the wall-time ratio.
+is left out. Targets: ``minillm-rl train`` >= 1.5 x MiniLLMTrainer and >= 1.2 x DistillationTrainer.
+- ``minillm-rl train`` (the path users run: a Ray rollout worker hosting the teacher, the replay
+  store, a DeepSpeed ZeRO-2 learner; MiniLLM phase only, fixed-length responses:
+  ``sampling.stop_at_eos: false``) at ``max_staleness`` 0 and 1 with the default hidden-state
+  teacher signal, and at 0 with the exact ``[B, T, V]`` one: samples/s over rounds 2..N, and per
+  round each role's busy and waiting time, the stages, and the bytes shipped; the balance advice.
 
-    python bench/bench_runtime.py [--batches 3] [--skip-trl] [--skip-staleness]
+    python bench/bench_runtime.py [--batches 3] [--train-rounds 4] [--skip-trl] [--skip-train]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -166,70 +168,101 @@ def bench_trl(trainer: str, version: str, teacher_dir: Path, student_dir: Path, 
         return {"error": f"trl_runner exited {finished.returncode}: {tail}"}
 
 
-def runtime_table(ours: dict, trl_results: dict[str, dict]) -> str:
-    """The markdown table: system, samples/s, our ratio to it, the issue's target."""
-    rows = ["| system | samples/s | ours / system | target | met |", "|---|---|---|---|---|",
-            f"| minillm_rl (sample_rollouts + ppo_round) | {ours['samples_per_s']:.3f} | 1.00 | | |"]
-    for label, _, _, target, _ in TRL_SYSTEMS:
-        result = trl_results[label]
+def runtime_table(ours: dict[str, dict], trl_results: dict[str, dict]) -> str:
+    """The markdown table: each of our rows (the in-process loop, ``minillm-rl train`` runs) with
+    its samples/s and its ratio to each TRL trainer (target in the header, met or not)."""
+    usable = {label: r for label, r in trl_results.items() if "error" not in r}
+    header = "| system | samples/s | " + " | ".join(
+        f"ours / {label.split(' (')[0].removeprefix('TRL ')} (target >= {target})" for label, _, _, target, _ in
+        TRL_SYSTEMS if label in usable) + " |"
+    rows = [header, "|" + "---|" * (2 + len(usable))]
+    for label, result in ours.items():
         if "error" in result:
-            rows.append(f"| {label} | cannot run: {result['error']} | | >= {target} x | |")
+            rows.append(f"| {label} | failed: {result['error']} |" + " |" * len(usable))
             continue
-        ratio = ours["samples_per_s"] / result["samples_per_s"]
-        rows.append(f"| {label} | {result['samples_per_s']:.3f} | {ratio:.2f} | >= {target} x | "
-                    f"{'yes' if ratio >= target else 'NO'} |")
+        cells = []
+        for trl_label, _, _, target, _ in TRL_SYSTEMS:
+            if trl_label in usable:
+                ratio = result["samples_per_s"] / usable[trl_label]["samples_per_s"]
+                cells.append(f"{ratio:.2f} ({'met' if ratio >= target else 'not met'})")
+        rows.append(f"| {label} | {result['samples_per_s']:.3f} | " + " | ".join(cells) + " |")
+    for label, result in trl_results.items():
+        shown = f"cannot run: {result['error']}" if "error" in result else f"{result['samples_per_s']:.3f}"
+        rows.append(f"| {label} | {shown} |" + " |" * len(usable))
     return "\n".join(rows)
 
 
-def staleness_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_staleness: int, args) -> dict:
-    """A MiniLLM-only ``minillm-rl train`` recipe at the benchmark's settings (EOS not disabled:
-    the runtime samples as in training)."""
+# (max_staleness, teacher_dist) of the `minillm-rl train` runs: the default signal with and without
+# overlap, and the exact [B, T, V] signal for its bytes and times.
+TRAIN_RUNS = ((0, "hidden"), (1, "hidden"), (0, "exact"))
+
+
+def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_staleness: int, teacher_dist: str,
+                 args) -> dict:
+    """A MiniLLM-only ``minillm-rl train`` recipe at the benchmark's settings: the demo's shape
+    (1 Ray rollout worker, 1 DeepSpeed ZeRO-2 learner), fixed-length responses like the others."""
     return {
         "model": {"teacher": str(teacher_dir), "student": str(student_dir), "gradient_checkpointing": False},
         "data": {"train": "sharegpt", "template": "chat", "skip_bad_records": True, "num_validation": 8,
-                 "max_prompt_tokens": args.prompt_len, "max_length": args.prompt_len + args.new_tokens},
-        "sampling": {"alpha": 0.0, "max_new_tokens": args.new_tokens},
+                 "max_examples": 400, "max_prompt_tokens": args.prompt_len,
+                 "max_length": args.prompt_len + args.new_tokens},
+        "sampling": {"alpha": 0.0, "max_new_tokens": args.new_tokens, "stop_at_eos": False,
+                     "teacher_dist": teacher_dist},
         "train": {"phases": ["minillm"], "num_rollouts": args.batch_size, "ppo_epochs": 1,
-                  "micro_batch_size": args.batch_size, "total_steps": args.staleness_rounds,
+                  "micro_batch_size": args.batch_size, "total_steps": args.train_rounds,
                   "eval_interval": 10**6, "optim": {"lr": args.lr, "warmup_steps": 0}},
         "runtime": {"num_learners": 1, "num_rollout_workers": 1, "worker_threads": args.threads,
                     "max_staleness": max_staleness, "deepspeed_config": "ds_configs/zero2_fp32_cpu.json"},
-        "output": {"dir": str(out_dir)},
+        "output": {"dir": str(out_dir), "report_to": []},
     }
 
 
-def bench_staleness(teacher_dir: Path, student_dir: Path, args) -> str | None:
-    """Per-round stage times of the distributed runtime (Ray rollout worker, DeepSpeed learner) at
-    ``max_staleness`` 0 and 1, and the ratio of their wall times (rounds after the first).
+def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[str, dict], str]:
+    """``minillm-rl train`` for each of :data:`TRAIN_RUNS`: samples/s over rounds 2..N (round 1
+    loads and warms caches), and the per-round profile of each role.
 
-    Returns the markdown section, or ``None`` when the coordinator is not available yet.
+    Returns ``{label: {"samples_per_s", "rounds", "advice"} or {"error"}}`` and the markdown section.
     """
-    if importlib.util.find_spec("minillm_rl.runtime.coordinator") is None:
-        print("staleness comparison: coordinator not available yet")
-        return None
-    lines = ["| max_staleness | round | rollout s | transfer s | learn s | sync s | round s | samples/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    walls = {}
-    for max_staleness in (0, 1):
-        out_dir = Path(tempfile.mkdtemp(prefix=f"bench-staleness{max_staleness}-"))
+    from minillm_rl.runtime.balance import advice_from_run
+
+    results: dict[str, dict] = {}
+    lines = ["| run | round | worker decode / teacher / put / weight load s | worker busy s | learner learn / transfer / "
+             "sync s | learner busy s | learner wait s | round s | round / slower role | MiB shipped |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for max_staleness, teacher_dist in TRAIN_RUNS:
+        label = f"minillm-rl train, max_staleness={max_staleness}, teacher_dist={teacher_dist}"
+        out_dir = Path(tempfile.mkdtemp(prefix=f"bench-train-{max_staleness}-{teacher_dist}-"))
         recipe = out_dir / "recipe.yaml"  # JSON is YAML
-        recipe.write_text(json.dumps(staleness_recipe(teacher_dir, student_dir, out_dir / "run", max_staleness, args)))
+        recipe.write_text(json.dumps(train_recipe(teacher_dir, student_dir, out_dir / "run", max_staleness,
+                                                  teacher_dist, args)))
         command = [sys.executable, "-m", "minillm_rl.cli", "train", "--config", str(recipe)]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
+        print(f"{label}: running", flush=True)
         finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, check=False)
         if finished.returncode:
             tail = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"staleness comparison failed (max_staleness={max_staleness}): {tail}"
+            results[label] = {"error": f"exit {finished.returncode}: {tail}"}
+            continue
         records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in records if r.get("stage") == "minillm" and "time/round" in r]
         for r in rounds:
-            lines.append(f"| {max_staleness} | {r['round']} | {r['time/rollout']:.1f} | {r['time/transfer']:.2f} | "
-                         f"{r['time/learn']:.1f} | {r['time/sync']:.2f} | {r['time/round']:.1f} | "
-                         f"{r['samples_per_s']:.3f} |")
-        walls[max_staleness] = sum(r["time/round"] for r in rounds[1:])
-    lines.append(f"\nwall time of rounds 2..{args.staleness_rounds}, max_staleness=1 / max_staleness=0: "
-                 f"{walls[1] / walls[0]:.2f}")
-    return "\n".join(lines)
+            slower = max(r["time/worker_busy"], r["time/learner_busy"])
+            lines.append(
+                f"| s={max_staleness} {teacher_dist} | {r['round'] + 1} | {r['time/worker_decode']:.1f} / "
+                f"{r['time/worker_teacher']:.1f} / "
+                f"{r['time/worker_put']:.2f} / {r['time/worker_weight_load']:.2f} | {r['time/worker_busy']:.1f} | "
+                f"{r['time/learn']:.1f} / {r['time/transfer']:.2f} / {r['time/sync']:.2f} | "
+                f"{r['time/learner_busy']:.1f} | {r['time/learner_wait']:.1f} | {r['time/round']:.1f} | "
+                f"{r['time/round'] / slower:.2f} | {r['rollout_bytes'] / 2**20:.2f} |")
+        timed = rounds[1:]
+        advice, _ = advice_from_run(out_dir / "run")
+        results[label] = {"samples_per_s": args.batch_size * len(timed) / sum(r["time/round"] for r in timed),
+                          "rounds": rounds, "advice": advice.summary(1)}
+        print(f"{label}: {results[label]['samples_per_s']:.3f} samples/s", flush=True)
+    section = "\n".join(lines)
+    for label, result in results.items():
+        section += f"\n\n{label}: " + (result.get("error") or f"balance: {result['advice']}")
+    return results, section
 
 
 def main(argv=None) -> None:
@@ -240,13 +273,13 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="longest chat prompt, in tokens")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--staleness-rounds", type=int, default=4, help="MiniLLM rounds per max_staleness run")
+    parser.add_argument("--train-rounds", type=int, default=4, help="MiniLLM rounds per minillm-rl train run")
     parser.add_argument("--skip-trl", action="store_true", help="only our side (no TRL venvs)")
-    parser.add_argument("--skip-staleness", action="store_true", help="no max_staleness 0 vs 1 comparison")
+    parser.add_argument("--skip-train", action="store_true", help="no minillm-rl train runs (in-process loop only)")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "bench_runtime.md")
     args = parser.parse_args(argv)
-    if args.batches < 1 or args.batch_size < 1 or args.staleness_rounds < 2:
-        parser.error("--batches and --batch-size must be >= 1, --staleness-rounds >= 2")
+    if args.batches < 1 or args.batch_size < 1 or args.train_rounds < 2:
+        parser.error("--batches and --batch-size must be >= 1, --train-rounds >= 2")
     torch.set_num_threads(args.threads)
 
     teacher_dir, student_dir = model_dirs()
@@ -257,12 +290,19 @@ def main(argv=None) -> None:
                f"{args.batches} timed batches after 1 warm-up")
     print(setting, flush=True)
 
-    ours = bench_ours(teacher_dir, student_dir, user_turns, args)
-    print("ours, per batch (first = warm-up):")
-    for index, stage in enumerate(ours["stages"]):
+    ours = {}
+    in_process = bench_ours(teacher_dir, student_dir, user_turns, args)
+    print("in-process loop, per batch (first = warm-up):")
+    for index, stage in enumerate(in_process["stages"]):
         print(f"  batch {index}: rollout {stage['rollout']:.1f} s, learn {stage['learn']:.1f} s, "
               f"mean response length {stage['length']:.0f}")
-    print(f"ours: {ours['samples_per_s']:.3f} samples/s", flush=True)
+    print(f"in-process loop: {in_process['samples_per_s']:.3f} samples/s", flush=True)
+
+    train_section = ""
+    if not args.skip_train:
+        train_results, train_section = bench_train(teacher_dir, student_dir, args)
+        ours.update(train_results)
+    ours["minillm_rl in-process loop (sample_rollouts + ppo_round)"] = in_process
 
     trl_results = {}
     if not args.skip_trl:
@@ -276,16 +316,16 @@ def main(argv=None) -> None:
                                                 f"step seconds {[round(s, 1) for s in result['step_seconds']]}, "
                                                 f"logged completion lengths {result['logged_lengths']}")
                 print(f"{label}: {shown}", flush=True)
-    table = runtime_table(ours, trl_results) if trl_results else ""
+    table = runtime_table(ours, trl_results)
     print("\n" + table)
-
-    staleness = None if args.skip_staleness else bench_staleness(teacher_dir, student_dir, args)
-    if staleness:
-        print("\n" + staleness)
-    report = [f"# bench-runtime\n\n{setting}.\n", "## Throughput\n", table or "(TRL skipped)"]
-    if staleness:
-        report += ["\n## Distributed runtime: max_staleness 0 vs 1 (minillm-rl train, 1 worker, 1 learner)\n",
-                   staleness]
+    if train_section:
+        print("\n" + train_section)
+    report = [f"# bench-runtime\n\n{setting}.\n", "## Throughput (one run, side by side)\n", table]
+    if train_section:
+        report += ["\n## minillm-rl train per round (1 Ray rollout worker, 1 DeepSpeed ZeRO-2 learner)\n",
+                   "Busy = the role's stages; the learner waits for rollouts; `round / slower role` is the round's "
+                   "time over the busier role's (the overlap bound at max_staleness >= 1). MiB shipped: the "
+                   "round's tensors put into the replay store (the teacher signal dominates).\n", train_section]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")
     print(f"\nwritten to {args.out}")

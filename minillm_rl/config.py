@@ -9,6 +9,9 @@ involve several fields live in :func:`_check_consistency`.
 Every problem becomes one :class:`ConfigError` line naming where it came from (``file:line`` or
 the override text), the dotted field, and what was expected, e.g.
 ``recipe.yaml:7: sampling.alpha: must be in [0, 1], got 1.5``.
+
+Longer than ~400 lines because it is the one config: every section's fields with their ranges
+and docs, and the cross-field checks, read together (splitting it would scatter the contract).
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class SamplingConfig:
     teacher_dist: Literal["auto", "hidden", "exact", "topk", "none"] = "auto"
     teacher_topk: int = _bounded(64, low=1)
     teacher_dist_dtype: Literal["float32", "bfloat16"] = "float32"
+    # false: responses always run to max_new_tokens (benchmarks against fixed-length systems).
+    stop_at_eos: bool = True
 
 
 @dataclass

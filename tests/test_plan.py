@@ -310,3 +310,35 @@ def test_execute_without_gpus_fails_clearly_and_runs_nothing(in_repo, capsys, mo
     assert code == 1 and len(err.splitlines()) == 1
     assert err.startswith("minillm-rl: run failed: the plan places learners and workers on 16 GPUs, but this "
                           "machine sees no CUDA GPU")
+
+
+def test_plan_prints_and_applies_the_balance_advice_of_a_measured_run(in_repo, tmp_path, capsys):
+    """``--calibrate RUN_DIR`` prints the workers that balance the learners from the run's measured
+    busy times; ``--balance`` gives the last recipe that many workers for its own learner count."""
+    from minillm_rl.config import RunConfig
+
+    run = tmp_path / "calibration-run"
+    run.mkdir()
+    cfg = RunConfig()
+    cfg.model.teacher, cfg.model.student, cfg.data.train = "teacher-dir", "student-dir", "sharegpt"
+    cfg.train.num_rollouts, cfg.runtime.num_rollout_workers, cfg.runtime.num_learners = 16, 1, 1
+    cfg.save(run / "config.yaml")
+    # A worker: 16 samples in 8 s (2/s); the learner: 16 in 2 s (8/s) -> 4 workers per learner rank.
+    rounds = [{"stage": "minillm", "time/round": 9.0, "time/worker_busy": 8.0, "time/learner_busy": 2.0}] * 3
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+
+    assert cli.main(["plan", "--config", STUDENT, "--nodes", "2", "--gpus-per-node", "8", "--calibrate", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert f"balance (measured in {run}): a rollout worker generates 2 samples/s" in printed
+    assert "use 4 (4 per learner)" in printed and "--balance sizes" in printed
+    assert "rollout workers: 8 x" in printed  # the recipe's own count, untouched without --balance
+
+    learners = load_config(STUDENT).runtime.num_learners
+    assert cli.main(["plan", "--config", STUDENT, "--nodes", "6", "--gpus-per-node", "8", "--calibrate", str(run),
+                     "--balance", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["balance"]["recommended_workers"] == 4 and plan["balance"]["applied"] is True
+    assert plan["stages"][0]["roles"]["rollout_workers"]["count"] == 4 * learners
+
+    assert cli.main(["plan", "--config", STUDENT, "--balance"]) == 2
+    assert "--balance sizes the rollout workers from measured rates" in capsys.readouterr().err

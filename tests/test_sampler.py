@@ -24,6 +24,7 @@ from minillm_rl.models import (
     load_causal_lm,
     prune_student,
 )
+from minillm_rl.tracking import StageClock
 from minillm_rl.algorithm.sampler import (
     Rollout,
     SamplingConfig,
@@ -211,10 +212,12 @@ def test_alpha_zero_fast_path_equals_mixed_path():
     fast = sample_rollouts(student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5))
     # Mixing with weight 0 leaves the sampling probabilities bit-identical, so the same seed
     # replays the same tokens through the step-by-step path.
-    student_lp, tokens, mask, teacher_rec = _decode(
-        student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5)
+    student_lp, tokens, mask, teacher_rec, versions = _decode(
+        student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5), lambda: 7,
+        StageClock(None),
     )
     assert torch.equal(fast.response_ids, tokens) and torch.equal(fast.response_mask, mask)
+    assert versions.shape == (1, tokens.shape[1]) and bool((versions == 7).all())
     valid = mask.bool()
     torch.testing.assert_close(fast.student_logprobs[valid], student_lp[valid])
     torch.testing.assert_close(fast.teacher_logprobs[valid], teacher_rec.logprobs[valid], atol=1e-5, rtol=0)
@@ -264,6 +267,23 @@ def _chi_square_pvalue(rollout: Rollout, probs: dict) -> float:
         expected[0] += rare_expected
         observed[0] += rare_observed
     return chisquare(observed, expected).pvalue
+
+
+def test_stop_at_eos_false_runs_every_response_to_max_new_tokens():
+    """With ``stop_at_eos=False`` (fixed-length benchmarks) EOS is sampled like any token and no
+    response ends early; the same seed gives the same tokens as far as the default stopped."""
+    teacher, student = _teacher_student("llama")
+    prompt_ids, prompt_mask = _ragged_prompts(seed=3)
+    stopping = sample_rollouts(student, teacher, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=MAX_NEW),
+                               EOS, PAD, torch.Generator().manual_seed(1))
+    assert stopping.response_mask.sum() < stopping.response_mask.numel()  # the test needs an early EOS
+    running = sample_rollouts(student, teacher, prompt_ids, prompt_mask,
+                              SamplingConfig(max_new_tokens=MAX_NEW, stop_at_eos=False), EOS, PAD,
+                              torch.Generator().manual_seed(1))
+    assert running.response_ids.shape[1] == MAX_NEW and bool(running.response_mask.bool().all())
+    valid = stopping.response_mask.bool()
+    width = stopping.response_ids.shape[1]
+    assert torch.equal(running.response_ids[:, :width][valid], stopping.response_ids[valid])
 
 
 def test_sampled_distribution_matches_exact_mixture():

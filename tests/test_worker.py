@@ -36,6 +36,9 @@ from minillm_rl.runtime.rollout.worker import (
 )
 from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
 
+# One xdist group (make test: --dist loadgroup): its tests share one Ray instance and its worker actor.
+pytestmark = pytest.mark.xdist_group("test_worker")
+
 ray = pytest.importorskip("ray")
 
 PAD, EOS = 0, 1
@@ -285,7 +288,10 @@ def test_generate_refuses_another_policy_version(worker, local_models):
                                          "sync weights first"):
         get(worker.generate.remote(PROMPTS, cfg, 0, 7))
     store = make_replay_store_actor(max_samples=8, max_bytes=10**8)
-    assert get(worker.generate_into.remote(store, PROMPTS, cfg, 0, 6)) == len(PROMPTS)
+    report = get(worker.generate_into.remote(store, PROMPTS, cfg, 0, 6))
+    assert report.num_samples == len(PROMPTS)
+    assert set(report.seconds) == {"decode", "teacher", "generate_other", "put", "weight_load"}
+    assert min(report.seconds.values()) >= 0 and report.seconds["decode"] > 0 and report.seconds["teacher"] > 0
     (item,) = take_blocking(store, len(PROMPTS), min_policy_version=6, timeout_s=TIMEOUT_S)
     assert item.policy_version == item.payload.policy_version == 6
     ray.kill(store)

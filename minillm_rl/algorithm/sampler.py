@@ -5,13 +5,16 @@ drawn from ``p~ = alpha * p + (1 - alpha) * q_old`` and everything the learner n
 so the learner never runs the teacher. With ``alpha == 0`` the teacher does not influence
 decoding, so the student samples alone and the teacher scores the finished responses in one
 batched forward (same records, far fewer teacher calls).
+
+Longer than ~400 lines because the decode loop, its cached decoders and the records it fills
+are one contract (the ``Rollout``) and are read together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -21,6 +24,8 @@ from transformers import DynamicCache
 from minillm_rl.algorithm.forward import position_ids_from_mask, response_logits
 from minillm_rl.algorithm.logits import process_logits
 from minillm_rl.algorithm.teacher_head import HeadRecorder
+from minillm_rl.tensor_pickle import TensorsAsArrays
+from minillm_rl.tracking import StageClock
 
 
 @dataclass
@@ -43,6 +48,9 @@ class SamplingConfig:
     teacher_dist: Literal["exact", "hidden", "topk", "none"] = "exact"
     teacher_topk: int = 64
     teacher_dist_dtype: torch.dtype = torch.float32
+    # False: every response runs to max_new_tokens (EOS is sampled like any token); for benchmarks
+    # that need equal lengths across systems.
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -73,11 +81,13 @@ class SamplingConfig:
 
 
 @dataclass
-class Rollout:
+class Rollout(TensorsAsArrays):
     """One batch of rollouts; the data contract between sampler and learner (see common.md).
 
     ``B`` batch, ``P`` padded prompt width, ``T`` response width, ``V`` vocab, ``K`` top-K,
     ``d`` the teacher's LM-head input width. All per-token values are 0 where ``response_mask`` is 0.
+    Pickled with its tensors as raw bytes (:mod:`minillm_rl.tensor_pickle`): Ray ships it from
+    worker to replay store to learner.
     """
 
     prompt_ids: torch.Tensor  # [B, P] long, left-padded
@@ -94,6 +104,9 @@ class Rollout:
     alpha: float
     policy_version: int
     teacher_hidden: torch.Tensor | None = None  # [B, T, d] teacher final hidden states (hidden mode)
+    # [B, T] long: the student weight version whose distribution each token was drawn from, read
+    # from the sampler's caller at every decode step (a weight sync landing mid-generation shows).
+    token_policy_versions: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to ``device``."""
@@ -265,7 +278,8 @@ def sample_rollouts(
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    policy_version: int = 0,
+    policy_version: int | Callable[[], int] = 0,
+    timings: dict[str, float] | None = None,
 ) -> Rollout:
     """Sample one response per prompt from the teacher-mixed distribution and record it.
 
@@ -277,7 +291,12 @@ def sample_rollouts(
             ``[]`` never stops early.
         pad_token_id: written after a response's end.
         generator: RNG for :func:`sample_categorical` (on the models' device).
-        policy_version: the student weight version, copied into the rollout.
+        policy_version: the student weight version, or a callable returning the version the
+            student holds now, read after each student forward (``token_policy_versions``);
+            ``Rollout.policy_version`` is the first one.
+        timings: when given, seconds are added to ``"decode"`` (the student's forwards and the
+            sampling) and ``"teacher"`` (the teacher's forwards and records: mixed into every
+            step when ``alpha > 0``, one scoring forward after decoding otherwise).
 
     Returns:
         A :class:`Rollout` whose width ``T`` is the longest response in the batch.
@@ -290,12 +309,20 @@ def sample_rollouts(
     if prompt_ids.shape[1] == 0 or bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded and non-empty (prompt_mask[:, -1] must be 1)")
     _check_vocab(student, teacher)
+    if not cfg.stop_at_eos:
+        eos_token_id = []
     mixed = cfg.alpha > 0
-    student_lp, tokens, response_mask, teacher_rec = _decode(
-        student, teacher if mixed else None, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator
-    )
+    device = prompt_ids.device
+    clock = StageClock(timings, sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
+    read_version = policy_version if callable(policy_version) else lambda: policy_version
+    with clock.measure("decode"):
+        student_lp, tokens, response_mask, teacher_rec, versions = _decode(
+            student, teacher if mixed else None, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
+            generator, read_version, clock,
+        )
     if not mixed:
-        teacher_rec = _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg)
+        with clock.measure("teacher"):
+            teacher_rec = _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg)
     # Zero everything past each response's end (contract); in exact mode only those rows are touched.
     invalid = response_mask == 0
     per_token = {
@@ -320,16 +347,19 @@ def sample_rollouts(
         teacher_topk_logprobs=teacher_rec.topk_logprobs,
         teacher_topk_ids=teacher_rec.topk_ids,
         alpha=float(cfg.alpha),
-        policy_version=int(policy_version),
+        policy_version=int(versions[0, 0]),
         teacher_hidden=teacher_rec.hidden,
+        token_policy_versions=torch.where(invalid, 0, versions.expand_as(tokens)),
     )
 
 
-def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator):
+def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator, read_version,
+            clock):
     """Token-by-token sampling; the teacher (when given) is mixed in and its records kept.
 
-    Returns ``student_logprobs [B, T]``, ``tokens [B, T]``, ``response_mask [B, T]`` and, when a
-    teacher is given, its :class:`_TeacherRecords` with ``[B, T(, K|V)]`` tensors.
+    Returns ``student_logprobs [B, T]``, ``tokens [B, T]``, ``response_mask [B, T]``, when a
+    teacher is given its :class:`_TeacherRecords` with ``[B, T(, K|V)]`` tensors (else ``None``),
+    and ``versions [1, T]`` long: ``read_version()`` after the student forward behind each step.
     """
     batch, prompt_len = prompt_ids.shape
     max_new, device = cfg.max_new_tokens, prompt_ids.device
@@ -343,15 +373,18 @@ def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_to
     next_position = prompt_positions[:, -1:] + 1
 
     decoders = [_CachedDecoder(student, prompt_ids, attention_mask[:, :prompt_len], prompt_positions)]
+    version = read_version()
     if teacher is not None:
-        decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions,
-                                       record_hidden=cfg.teacher_dist == "hidden"))
+        with clock.measure("teacher"):
+            decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions,
+                                           record_hidden=cfg.teacher_dist == "hidden"))
 
     # Buffers are filled column by column; torch.empty leaves untouched pages unallocated, so the
     # [B, max_new, V] exact buffer only costs memory for the steps actually taken.
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
     student_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+    versions = torch.zeros(1, max_new, dtype=torch.long, device=device)
     teacher_buffers = None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
@@ -367,19 +400,25 @@ def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_to
         tokens[:, step] = sampled
         response_mask[:, step] = (~finished).float()
         student_lp[:, step] = student_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        versions[0, step] = version
         if teacher is not None:
-            record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg, decoders[1].next_hidden)
-            if teacher_buffers is None:
-                teacher_buffers = _allocate_like(record, max_new)
-            _write_column(teacher_buffers, record, step)
+            with clock.measure("teacher"):
+                record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg,
+                                          decoders[1].next_hidden)
+                if teacher_buffers is None:
+                    teacher_buffers = _allocate_like(record, max_new)
+                _write_column(teacher_buffers, record, step)
 
         finished |= torch.isin(sampled, eos_ids)
         steps = step + 1
         if steps == max_new or bool(finished.all()):
             break
         mask_now = attention_mask[:, : prompt_len + steps]
-        for decoder in decoders:
-            decoder.step(sampled, mask_now, next_position)
+        decoders[0].step(sampled, mask_now, next_position)
+        version = read_version()
+        if teacher is not None:
+            with clock.measure("teacher"):
+                decoders[1].step(sampled, mask_now, next_position)
         next_position = next_position + 1
 
     def trim(buffer):
@@ -390,7 +429,7 @@ def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_to
         teacher_rec = _TeacherRecords(**{
             name: None if buffer is None else trim(buffer) for name, buffer in vars(teacher_buffers).items()
         })
-    return trim(student_lp), trim(tokens), trim(response_mask), teacher_rec
+    return trim(student_lp), trim(tokens), trim(response_mask), teacher_rec, trim(versions)
 
 
 def _allocate_like(record: _TeacherRecords, max_new: int) -> _TeacherRecords:

@@ -115,8 +115,27 @@ def _plan(args: argparse.Namespace) -> None:
     from minillm_rl.cli.plan import build_plan, execute, placeholder_cluster, read_hostfile, render_text
 
     cluster = read_hostfile(args.hostfile) if args.hostfile else placeholder_cluster(args.nodes, args.gpus_per_node)
-    plan = build_plan(args.config, args.overrides, cluster, args.eval_split, args.eval_data)
-    print(json.dumps(plan, indent=2) if args.json else render_text(plan), flush=True)
+    overrides, advice = list(args.overrides), None
+    if args.balance and not args.calibrate:
+        raise ValueError("--balance sizes the rollout workers from measured rates: give --calibrate RUN_DIR")
+    if args.calibrate:
+        from minillm_rl.config import load_config
+        from minillm_rl.runtime.balance import advice_from_run
+
+        advice, _ = advice_from_run(args.calibrate)
+        if args.balance:  # the last recipe's learner count, with the calibrated rate per learner rank
+            learners = load_config(args.config[-1], overrides).runtime.num_learners
+            overrides.append(f"runtime.num_rollout_workers={advice.workers_for(learners)}")
+    plan = build_plan(args.config, overrides, cluster, args.eval_split, args.eval_data)
+    if advice is not None:
+        plan["balance"] = {"calibrated_from": args.calibrate, **dataclasses.asdict(advice),
+                           "applied": bool(args.balance)}
+    text = json.dumps(plan, indent=2, default=str) if args.json else render_text(plan)
+    if advice is not None and not args.json:
+        text += (f"\nbalance (measured in {args.calibrate}): {advice.summary()}"
+                 + ("; applied to the last recipe (runtime.num_rollout_workers)" if args.balance else
+                    "; --balance sizes the last recipe's rollout workers by it"))
+    print(text, flush=True)
     if args.execute:
         execute(plan, args.log_dir)
 
@@ -230,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--eval-split", default=None,
                       help="add a test stage: `minillm-rl eval` of the last recipe's best/ on this split")
     plan.add_argument("--eval-data", default=None, help="test data (default: the last recipe's data.train)")
+    plan.add_argument("--calibrate", default=None, metavar="RUN_DIR",
+                      help="a minillm-rl train output directory: print how many rollout workers balance the learners, "
+                           "from its measured generation and learning rates")
+    plan.add_argument("--balance", action="store_true",
+                      help="with --calibrate: give the last recipe that many rollout workers (per its learner count)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--execute", action="store_true", help="run the plan's commands after printing it")
     plan.add_argument("--log-dir", default="runs/plan-logs", help="logs of commands run on other hosts")

@@ -75,6 +75,23 @@ def canonical_order(items: list[ReplayItem]) -> list[ReplayItem]:
     return sorted(items, key=key)
 
 
+def check_one_policy_version(item: ReplayItem) -> None:
+    """Every token of the item's rollout was drawn with the student weights of the version it is
+    stored under (``Rollout.token_policy_versions``): a weight sync never lands inside a
+    generation (workers load weights between calls), and this makes that a checked fact.
+
+    Raises:
+        RuntimeError: the rollout mixes versions, or its tokens' version is not the item's.
+    """
+    rollout = item.payload
+    if rollout.token_policy_versions is None:
+        return
+    used = sorted(set(rollout.token_policy_versions[rollout.response_mask.bool()].tolist()))
+    if used and used != [item.policy_version]:
+        raise RuntimeError(f"replay item {item.key}: its tokens were drawn with student weight versions {used}, "
+                           f"stored as version {item.policy_version}: a weight sync reached a generation")
+
+
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     """One rollout of all rows: prompts re-left-padded to the widest ``P``, per-token fields
     right-padded to the widest ``T`` (ids with ``pad_token_id``, everything else with 0).

@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 
+from minillm_rl.tensor_pickle import TensorsAsArrays
+
 
 @dataclass
-class WeightPayload:
-    """Distinct tensors by name; ``aliases`` maps a tied name to the canonical name it shares."""
+class WeightPayload(TensorsAsArrays):
+    """Distinct tensors by name; ``aliases`` maps a tied name to the canonical name it shares.
+    Pickled as raw bytes (:mod:`minillm_rl.tensor_pickle`): what a sync ships through Ray."""
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str] = field(default_factory=dict)

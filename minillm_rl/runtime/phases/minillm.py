@@ -12,10 +12,12 @@ import torch
 from minillm_rl.algorithm.advantages import AdvantageConfig
 from minillm_rl.algorithm.ppo import MiniLLMLossConfig, PretrainBatch, ppo_round
 from minillm_rl.algorithm.sampler import SamplingConfig
+from minillm_rl.runtime.balance import balance_advice, measured_rates, round_profile
 from minillm_rl.runtime.phases.common import phase_progress, sampling_config, worker_calls
 from minillm_rl.runtime.resume import checkpoint, maybe_preempt
 from minillm_rl.runtime.rounds import (
     canonical_order,
+    check_one_policy_version,
     concat_rollouts,
     crossed_interval,
     derived_seed,
@@ -26,6 +28,7 @@ from minillm_rl.runtime.rounds import (
 )
 from minillm_rl.runtime.run import TrainingRun, broadcast_from_coordinator
 from minillm_rl.runtime.selection import select
+from minillm_rl.tracking import log_line
 
 
 class _RolloutClient:
@@ -46,9 +49,10 @@ class _RolloutClient:
         """The round in flight, if any."""
         return self.client.pending_round
 
-    def sync(self) -> None:
-        """Bring every worker to the learner's version (after an update, or a worker restart)."""
-        self.client.sync()
+    def publish(self) -> None:
+        """Send the learner's version to the workers; they load it between generations, and
+        this process does not wait (an update, or a worker restart)."""
+        self.client.publish()
 
     def launch(self, round_index: int) -> None:
         """Workers generate round ``round_index`` into the replay store, shard ``i`` seeded from
@@ -61,16 +65,26 @@ class _RolloutClient:
         self.client.launch(round_index, shards, seeds)
 
     def take_round(self, round_index: int):
-        """The round's rollouts, no older than ``version - max_staleness``, in canonical order."""
+        """The round's rollouts, no older than ``version - max_staleness``, in canonical order,
+        and its stats: versions, bytes, and seconds (``time/wait_rollout``: waiting for the
+        workers; ``time/transfer``: out of the store and assembled; ``time/worker_*``: the
+        workers' stages for this round, per worker, see :meth:`TakenRound.worker_seconds`)."""
         run = self.run
         items = self.client.take_round(round_index, run.cfg.train.num_rollouts,
                                        run.progress.policy_version - run.cfg.runtime.max_staleness)
+        started = time.perf_counter()
         items = canonical_order(items)
+        for item in items:
+            check_one_policy_version(item)
         rollout = concat_rollouts([item.payload for item in items], run.pad_token_id)
+        taken = self.client.last_round
         versions = [item.policy_version for item in items]
         # rollout_bytes: the round's tensors as put into the replay store (the teacher signal dominates).
         return rollout, {"rollout_policy_version/min": min(versions), "rollout_policy_version/max": max(versions),
-                         "rollout_bytes": sum(item.num_bytes for item in items)}
+                         "rollout_bytes": sum(item.num_bytes for item in items),
+                         "time/wait_rollout": taken.wait_s,
+                         "time/transfer": taken.take_s + time.perf_counter() - started,
+                         **taken.worker_seconds(len(run.workers))}
 
     def replay_stats(self) -> dict[str, float]:
         return {f"replay/{key}": value for key, value in self.client.replay_stats().items()}
@@ -154,26 +168,27 @@ def run_minillm(run: TrainingRun, engine) -> None:
     if progress.phase_step == 0:
         select(run, engine)  # the initial (SFT) weights compete for best/ too
     line = phase_progress(run, num_rounds * steps_per_round, "minillm", "steps")
+    profiles: list[dict[str, float]] = []  # this process's rounds, for the balance advice at the end
     for round_index in range(progress.phase_step // steps_per_round, num_rounds):
         round_started = time.perf_counter()
-        timings: dict[str, float] = {}
+        # The round's seconds by stage (time/*; learner side unless named worker_), see round_profile.
+        timings: dict[str, float] = {"time/sync": 0.0}
         if run.exported_version != progress.policy_version:
             run.export(engine)
         rollout, round_stats = None, {}
         if client is not None:
             started = time.perf_counter()
-            client.sync()
+            client.publish()  # queued behind the workers' in-flight generation; no wait here
             timings["time/sync"] = time.perf_counter() - started
-            started = time.perf_counter()
             if client.pending is None:
                 client.launch(round_index)
             rollout, round_stats = client.take_round(round_index)
+            timings.update({key: round_stats.pop(key) for key in list(round_stats) if key.startswith("time/")})
             if overlap and round_index + 1 < num_rounds:
                 client.launch(round_index + 1)  # generated with version v while the learners update
-            timings["time/rollout"] = time.perf_counter() - started
         started = time.perf_counter()
         rollout = broadcast_from_coordinator(rollout, run.rank, run.world_size)
-        timings["time/transfer"] = time.perf_counter() - started
+        timings["time/transfer"] = timings.get("time/transfer", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
         learner_version = progress.policy_version
         first_step = round_index * steps_per_round
@@ -190,14 +205,15 @@ def run_minillm(run: TrainingRun, engine) -> None:
         progress.policy_version += 1
         started = time.perf_counter()
         run.export(engine)
-        timings["time/sync"] = timings.get("time/sync", 0.0) + time.perf_counter() - started
+        timings["time/sync"] += time.perf_counter() - started
         if client is not None:
             elapsed = time.perf_counter() - round_started
             stats = mean_stats(history)
+            profiles.append(round_profile(timings, elapsed))
             run.metrics.log("minillm", progress.phase_step, {
-                **stats, **round_stats, **timings, **client.replay_stats(),
+                **stats, **round_stats, **profiles[-1], **client.replay_stats(),
                 "nonfinite_skipped": sum(skipped), "learner_policy_version": learner_version, "round": round_index,
-                "samples_per_s": train.num_rollouts / elapsed, "time/round": elapsed,
+                "samples_per_s": train.num_rollouts / elapsed,
             })
             line.update(progress.phase_step, round=round_index + 1, reward=stats["reward/mean"],
                         reverse_kl=stats["reverse_kl/per_token"])
@@ -206,3 +222,17 @@ def run_minillm(run: TrainingRun, engine) -> None:
             checkpoint(run, engine)
         maybe_preempt(run, engine, steps_before)
     line.close()
+    if profiles:
+        _print_balance(run, profiles)
+
+
+def _print_balance(run: TrainingRun, profiles: list[dict[str, float]]) -> None:
+    """How many rollout workers would balance this run's learners, from its own rounds' busy
+    times (``minillm-rl plan --calibrate RUN_DIR`` reads the same from ``metrics.jsonl``)."""
+    runtime = run.cfg.runtime
+    try:
+        worker_rate, learner_rate = measured_rates(profiles, run.cfg.train.num_rollouts, runtime.num_rollout_workers)
+    except ValueError:  # no round with a generation report (e.g. only the round in flight at a resume)
+        return
+    advice = balance_advice(worker_rate, learner_rate, runtime.num_learners)
+    log_line(f"minillm: balance: {advice.summary(runtime.num_rollout_workers)}")

@@ -42,9 +42,12 @@ from minillm_rl.runtime.replay import COUNTERS, ReplayItem
 from minillm_rl.algorithm.sampler import SamplingConfig
 from minillm_rl.runtime.rollout.worker import (
     ActorDied,
+    ShardReport,
     StaleWeights,
+    await_weight_loads,
     broadcast_student_weights,
     call_with_timeout,
+    publish_student_weights,
 )
 
 # Between polls of an actor that Ray is restarting.
@@ -172,6 +175,31 @@ def _counters_only(state: dict[str, Any]) -> dict[str, int]:
                                                     "in_store_samples")}
 
 
+@dataclass
+class TakenRound:
+    """How a round came in: ``reports``, per shard, the worker index and the
+    :class:`~minillm_rl.runtime.rollout.worker.ShardReport` of the attempt that stored it;
+    ``wait_s``, the seconds :meth:`RolloutClient.take_round` waited for generation (recoveries
+    included); ``take_s``, the seconds the store's ``take`` took (serialising the items out of
+    the store and into this process)."""
+
+    reports: list[tuple[int, ShardReport]]
+    wait_s: float
+    take_s: float
+
+    def worker_seconds(self, num_workers: int) -> dict[str, float]:
+        """``time/worker_<stage>``: each stage's seconds over the round's shards, per worker
+        (summed, divided by ``num_workers``); ``time/worker_busy``: the busiest worker's total."""
+        busy = [0.0] * num_workers
+        stages: dict[str, float] = {}
+        for worker, report in self.reports:
+            busy[worker] += report.busy_seconds
+            for stage, seconds in report.seconds.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+        return {**{f"time/worker_{stage}": seconds / num_workers for stage, seconds in stages.items()},
+                "time/worker_busy": max(busy)}
+
+
 class RolloutClient:
     """Launches rounds on ``workers`` into ``store`` and assembles them, surviving worker and
     store restarts (see the module docstring).
@@ -198,6 +226,13 @@ class RolloutClient:
         self.pending_round: int | None = None
         self._shards: dict[tuple[int, int], _Shard] = {}
         self._running: dict[tuple[int, int], _Shard] = {}
+        # The shards' reports of the round in flight (the attempt that stored it).
+        self._reports: dict[tuple[int, int], ShardReport] = {}
+        self.last_round: TakenRound | None = None
+        # Per worker: the version last sent to it (None: unknown, e.g. after a restart) and the
+        # loads published without waiting, (version, checksum, reference), not yet confirmed.
+        self._sent_version: list[int | None] = [None] * len(self.workers)
+        self._unconfirmed: dict[int, tuple[int, str, Any]] = {}
         # Samples per shard the store said it stored, since the mirror below was taken.
         self._stored: dict[tuple[int, int], int] = {}
         self._mirror: dict[str, int] = {}
@@ -220,23 +255,56 @@ class RolloutClient:
     # ---- weights ------------------------------------------------------------------------------
 
     def sync(self, indices: Sequence[int] | None = None) -> None:
-        """Bring workers ``indices`` (default all) to the learner's version; only those at
-        another version (after an update, or a restart) get the weights."""
-        indices = range(len(self.workers)) if indices is None else indices
+        """Bring workers ``indices`` (default all) to the learner's version and wait until they
+        hold it; only those at another version (after an update, or a restart) get the weights.
+        Waits behind a worker's in-flight generation: for start-up and recovery, not rounds."""
+        indices = list(range(len(self.workers)) if indices is None else indices)
+        self._confirm_loads(indices)
         model, version = self.current_weights()
         sync_workers([self.workers[i] for i in indices], [self.names[i] for i in indices], model, version,
                      self.rpc_timeout_s, self.weight_sync_timeout_s)
+        for i in indices:
+            self._sent_version[i] = version
+
+    def publish(self) -> None:
+        """Send the learner's version to every worker not known to hold it, without waiting:
+        each worker loads it after its in-flight generation and before the next one launched
+        from here (:func:`~minillm_rl.runtime.rollout.worker.publish_student_weights`). The loads
+        are confirmed by the next :meth:`publish` or :meth:`sync`, or when a generation refuses
+        its version."""
+        self._confirm_loads(list(self._unconfirmed))
+        model, version = self.current_weights()
+        behind = [i for i, sent in enumerate(self._sent_version) if sent != version]
+        if not behind:
+            return
+        checksum, refs = publish_student_weights([self.workers[i] for i in behind], model, version)
+        for i, ref in zip(behind, refs):
+            self._unconfirmed[i] = (version, checksum, ref)
+            self._sent_version[i] = version
+
+    def _confirm_loads(self, indices: Sequence[int]) -> None:
+        """Wait for the published loads of workers ``indices``; a worker that died meanwhile is
+        marked as holding an unknown version (its restart is handled where its calls fail)."""
+        for i in indices:
+            if i not in self._unconfirmed:
+                continue
+            version, checksum, ref = self._unconfirmed.pop(i)
+            try:
+                await_weight_loads([ref], checksum, version, self.weight_sync_timeout_s, [self.names[i]])
+            except ActorDied:
+                self._sent_version[i] = None
 
     # ---- rounds -------------------------------------------------------------------------------
 
     def launch(self, round_index: int, shards: Sequence[list[list[int]]], seeds: Sequence[int]) -> None:
         """Shard ``i`` (prompt id lists) is generated by worker ``i % len(workers)`` with ``seeds[i]``
-        and the weights the workers hold now (call :meth:`sync` first), into the store."""
+        and the learner's current version (call :meth:`publish` or :meth:`sync` first), into the store."""
         if self.pending_round is not None:
             raise RuntimeError(f"round {round_index} launched while round {self.pending_round} is in flight")
         self.pending_round = round_index
         self._shards = {(round_index, i): _Shard(round_index, i, list(prompts), seed, i % len(self.workers))
                         for i, (prompts, seed) in enumerate(zip(shards, seeds))}
+        self._reports.clear()
         _, version = self.current_weights()
         for shard in self._shards.values():
             self._submit(shard, version)
@@ -275,8 +343,12 @@ class RolloutClient:
             shard = by_ref[ready[0]]
             del self._running[shard.key]
             try:
-                self._stored[shard.key] = ray.get(ready[0])
+                report = ray.get(ready[0])
+                self._reports[shard.key] = report
+                self._stored[shard.key] = report.num_samples
             except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, StaleWeights):
+                    self._confirm_loads([shard.worker])  # a refused load says more than the stale version
                 if not isinstance(err.cause, ray.exceptions.RayActorError):
                     raise err.cause if isinstance(err.cause, Exception) else err from None
                 self._reconcile_store()  # waits for the restarted store, re-launches what it lost
@@ -310,17 +382,26 @@ class RolloutClient:
         ``>= min_policy_version``) from the store, recovering lost shards first."""
         if self.pending_round != round_index:
             raise RuntimeError(f"round {round_index} was never launched (pending: {self.pending_round})")
+        waited = taking = 0.0
         for _ in range(self.max_relaunches + 1):
+            started = time.perf_counter()
             self._wait_shards()
+            waited += time.perf_counter() - started
+            started = time.perf_counter()
             try:
                 if self._reconcile_store():
                     continue
                 items = self._store_call("take", num_samples, min_policy_version)
             except ActorDied:
                 continue  # the store died under the call: reconciled on the next pass
+            finally:
+                taking += time.perf_counter() - started
             if items is not None:
                 self.pending_round = None
                 self._take_mirror()
+                self.last_round = TakenRound([(self._shards[key].worker, report)
+                                              for key, report in sorted(self._reports.items())], waited, taking)
+                self._reports.clear()
                 return items
         raise RunFailed(f"round {round_index}: the replay store could not deliver {num_samples} samples of version "
                         f">= {min_policy_version} after {self.max_relaunches + 1} attempts "

@@ -70,6 +70,22 @@ class TeacherScores:
     hidden: torch.Tensor | None = None
 
 
+@dataclass
+class ShardReport:
+    """What one :meth:`RolloutWorker.generate_into` call did: ``num_samples`` stored, and the
+    worker's seconds per stage: ``decode`` (the student's forwards and sampling), ``teacher`` (the
+    teacher's forwards and records), ``generate_other`` (padding, copies), ``put`` (serialising
+    the rollout into the object store and the replay store accepting it) and ``weight_load``
+    (weight syncs this worker ran since its previous report, i.e. between generations)."""
+
+    num_samples: int
+    seconds: dict[str, float]
+
+    @property
+    def busy_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
 def _build(spec: Spec, what: str, loader: Callable[[str], Any]) -> Any:
     if callable(spec):
         return spec()
@@ -127,6 +143,8 @@ class RolloutWorker:
         self.tokenizer = None if tokenizer_spec is None else _build(tokenizer_spec, "tokenizer", load_tokenizer)
         self.eos_token_id, self.pad_token_id = _special_ids(self.tokenizer, self.student)
         self._policy_version = UNSYNCED_VERSION
+        self._checksum: str | None = None  # of the weights loaded as _policy_version
+        self._load_seconds = 0.0  # spent in load_student_weights since the last ShardReport
 
     def policy_version(self) -> int:
         """The student's weight version; :data:`UNSYNCED_VERSION` until the first sync."""
@@ -152,6 +170,16 @@ class RolloutWorker:
         """
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"{self.name}: load_student_weights version must be an int >= 0, got {version!r}")
+        started = time.perf_counter()
+        try:
+            return self._load_student_weights(payload, version, checksum, fetch_timeout_s)
+        finally:
+            self._load_seconds += time.perf_counter() - started
+
+    def _load_student_weights(self, payload: WeightPayload | Sequence[Any], version: int, checksum: str,
+                              fetch_timeout_s: float) -> str:
+        if version == self._policy_version and checksum == self._checksum:
+            return checksum  # held already (e.g. sent again for validation): nothing to fetch
 
         def fetch(bucket):
             if isinstance(bucket, WeightPayload):
@@ -166,10 +194,10 @@ class RolloutWorker:
             raise ValueError(f"{self.name}: {err}") from None
         if loaded != checksum:
             # Weights were written but do not read back as sent: this copy is of no known version.
-            self._policy_version = UNSYNCED_VERSION
+            self._policy_version, self._checksum = UNSYNCED_VERSION, None
             raise ValueError(f"{self.name}: student checksum after loading is {loaded[:16]}..., expected "
                              f"{checksum[:16]}...; the worker is now unsynced")
-        self._policy_version = version
+        self._policy_version, self._checksum = version, loaded
         return loaded
 
     def _check_version(self, expected: int, call: str) -> None:
@@ -178,9 +206,11 @@ class RolloutWorker:
                              f"version {self._policy_version}; sync weights first")
 
     def generate(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig, seed: int,
-                 policy_version_expected: int) -> Rollout:
+                 policy_version_expected: int, timings: dict[str, float] | None = None) -> Rollout:
         """One teacher-mixed rollout per prompt (``sample_rollouts`` on left-padded prompts with a
-        ``torch.Generator`` seeded by ``seed``), tagged with the worker's policy version.
+        ``torch.Generator`` seeded by ``seed``), tagged with the worker's policy version, which
+        is also read at every decode step (``Rollout.token_policy_versions``). ``timings``: gets
+        the sampler's ``decode`` and ``teacher`` seconds.
 
         Raises:
             ValueError: the worker's version is not ``policy_version_expected``, or a prompt is empty.
@@ -192,7 +222,8 @@ class RolloutWorker:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return sample_rollouts(
             self.student, self.teacher, prompt_ids.to(self.device), prompt_mask.to(self.device), sampling_cfg,
-            self.eos_token_id, self.pad_token_id, generator=generator, policy_version=self._policy_version,
+            self.eos_token_id, self.pad_token_id, generator=generator, policy_version=self.policy_version,
+            timings=timings,
         ).to("cpu")
 
     def generate_from_teacher(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig,
@@ -205,14 +236,20 @@ class RolloutWorker:
 
     def generate_into(self, replay_store: Any, prompt_id_lists: Sequence[Sequence[int]],
                       sampling_cfg: SamplingConfig, seed: int, policy_version_expected: int,
-                      put_timeout_s: float = 600.0, key: Any = None) -> int:
+                      put_timeout_s: float = 600.0, key: Any = None) -> ShardReport:
         """:meth:`generate`, then put the rollout into ``replay_store`` (a ReplayStore actor handle
         or buffer) tagged with its policy version and ``key`` (a store ignores a key it already
-        accepted); returns the number of samples generated."""
-        rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected)
+        accepted); returns how many samples it generated and where its time went."""
+        started = time.perf_counter()
+        stages = {"decode": 0.0, "teacher": 0.0}
+        rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected, timings=stages)
+        generated = time.perf_counter()
         put_blocking(replay_store, rollout, rollout.policy_version, timeout_s=put_timeout_s,
                      rpc_timeout_s=put_timeout_s, key=key)
-        return rollout.response_ids.shape[0]
+        seconds = {**stages, "generate_other": max(generated - started - sum(stages.values()), 0.0),
+                   "put": time.perf_counter() - generated, "weight_load": self._load_seconds}
+        self._load_seconds = 0.0
+        return ShardReport(rollout.response_ids.shape[0], seconds)
 
     @torch.no_grad()
     def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0,
@@ -321,19 +358,22 @@ def call_with_timeout(ref: Any, timeout_s: float, what: str) -> Any:
         raise ActorDied(f"{what}: the actor died ({first_line})") from None
 
 
-def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, version: int, timeout_s: float,
-                              bucket_bytes: int | None = None, names: Sequence[str] | None = None) -> str:
-    """Publish the student once to the object store and load it into every worker actor.
+def publish_student_weights(workers: Sequence[Any], model_or_payload: Any, version: int,
+                            bucket_bytes: int | None = None) -> tuple[str, list[Any]]:
+    """Put the student into the object store once and queue ``load_student_weights`` on every
+    worker actor, without waiting.
 
-    ``model_or_payload``: a model, a state dict or a :class:`WeightPayload`. With ``bucket_bytes``
-    each bucket is put separately (bounded object sizes); workers fetch them one at a time.
+    A worker actor runs one call at a time, in the order its caller submitted them, so a load
+    queued behind a generation runs after it and before the next call from this process: a
+    sync never interrupts a generation, and the caller does not wait for one.
+
+    ``model_or_payload``: a model, a state dict or a :class:`WeightPayload` (serialised now, so
+    later updates of the model do not reach the workers). With ``bucket_bytes`` each bucket is
+    put separately (bounded object sizes); workers fetch them one at a time.
 
     Returns:
-        The payload checksum, which every worker confirmed.
-
-    Raises:
-        TimeoutError: the workers did not all finish loading within ``timeout_s`` (in total).
-        ValueError: a worker refused the payload or reported another checksum.
+        The payload checksum and, per worker, the reference to its load's answer (the checksum
+        it read back; see :func:`await_weight_loads`).
     """
     import ray
 
@@ -344,8 +384,17 @@ def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, ver
         shipped: Any = ray.put(payload)
     else:
         shipped = [ray.put(bucket) for bucket in iter_buckets(payload, bucket_bytes)]
-    names = list(names) if names is not None else [f"rollout-worker-{i}" for i in range(len(workers))]
-    refs = [worker.load_student_weights.remote(shipped, version, checksum) for worker in workers]
+    return checksum, [worker.load_student_weights.remote(shipped, version, checksum) for worker in workers]
+
+
+def await_weight_loads(refs: Sequence[Any], checksum: str, version: int, timeout_s: float,
+                       names: Sequence[str]) -> None:
+    """Wait (``timeout_s`` in total) for the loads :func:`publish_student_weights` queued.
+
+    Raises:
+        TimeoutError: the workers did not all finish loading within ``timeout_s``.
+        ValueError: a worker refused the payload or reported another checksum.
+    """
     deadline = time.monotonic() + timeout_s
     for name, ref in zip(names, refs):
         remaining = max(deadline - time.monotonic(), 0.0)
@@ -353,4 +402,20 @@ def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, ver
         if loaded != checksum:
             raise ValueError(f"{name}: loaded weights have checksum {loaded[:16]}..., "
                              f"the learner's is {checksum[:16]}...")
+
+
+def broadcast_student_weights(workers: Sequence[Any], model_or_payload: Any, version: int, timeout_s: float,
+                              bucket_bytes: int | None = None, names: Sequence[str] | None = None) -> str:
+    """:func:`publish_student_weights`, then wait until every worker has loaded the weights.
+
+    Returns:
+        The payload checksum, which every worker confirmed.
+
+    Raises:
+        TimeoutError: the workers did not all finish loading within ``timeout_s`` (in total).
+        ValueError: a worker refused the payload or reported another checksum.
+    """
+    checksum, refs = publish_student_weights(workers, model_or_payload, version, bucket_bytes)
+    names = list(names) if names is not None else [f"rollout-worker-{i}" for i in range(len(workers))]
+    await_weight_loads(refs, checksum, version, timeout_s, names)
     return checksum

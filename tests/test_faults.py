@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from minillm_rl.runtime.rounds import canonical_order, concat_rollouts
+from minillm_rl.runtime.rounds import canonical_order, check_one_policy_version, concat_rollouts
 from minillm_rl.runtime.replay import make_replay_store_actor
 from minillm_rl.runtime.rollout.client import RolloutClient, WorkerCalls
 from minillm_rl.algorithm.sampler import SamplingConfig
@@ -38,6 +38,10 @@ sys.path.insert(0, str(TESTS))
 from fault_assets import KillingStore, slow_llama  # noqa: E402
 from test_train_e2e import REPO, _train_command, assets  # noqa: E402,F401  (assets is a fixture)
 from tiny_assets import tiny_llama, tiny_tokenizer  # noqa: E402
+
+# One xdist group (make test: --dist loadgroup): its tests share one Ray instance,
+# its slow workers and the fault-free reference round.
+pytestmark = pytest.mark.xdist_group("test_faults")
 
 ray = pytest.importorskip("ray")
 
@@ -151,6 +155,36 @@ def test_worker_killed_mid_generation_is_relaunched_with_the_same_seed(workers, 
     assert stats["relaunches"] == 1 and stats["store_recoveries"] == 0
     assert (stats["produced"], stats["consumed"], stats["duplicates_ignored"]) == (8, 8, 0)
     assert _balanced(stats)
+    ray.kill(store)
+
+
+def test_a_weight_sync_during_a_generation_never_reaches_it(workers, learner_student):
+    """A sync published while both workers generate (each shard takes about a second) neither
+    waits for the generation nor enters it: every token of the round is drawn with the version
+    it started with, and the next round with the new version (per-token versions checked)."""
+    store = _store()
+    current = [(learner_student, 4)]
+    client = RolloutClient(workers, store, SAMPLING, lambda: current[0], TIMEOUT_S, TIMEOUT_S)
+    client.sync()
+    client.launch(0, SHARDS, SEEDS)
+    current[0] = (tiny_llama(VOCAB, 1, 6, 0.3), 5)  # the learners' update
+    client.publish()
+    in_flight = [shard.ref for shard in client._running.values()]
+    ready, _ = ray.wait(in_flight, num_returns=len(in_flight), timeout=0)
+    assert len(in_flight) == 2 and not ready  # publish() returned with both generations still running
+    for round_index, version in ((0, 4), (1, 5)):
+        if round_index:
+            client.launch(1, SHARDS, SEEDS)
+        items = canonical_order(client.take_round(round_index, len(PROMPTS), version))
+        for item in items:
+            rollout = item.payload
+            valid = rollout.response_mask.bool()
+            assert item.policy_version == rollout.policy_version == version
+            assert valid.any() and bool((rollout.token_policy_versions[valid] == version).all())
+            check_one_policy_version(item)
+    item.payload.token_policy_versions[0, 0] = 4  # what a sync landing inside the generation would record
+    with pytest.raises(RuntimeError, match=r"drawn with student weight versions \[4, 5\], stored as version 5"):
+        check_one_policy_version(item)
     ray.kill(store)
 
 

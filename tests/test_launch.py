@@ -37,6 +37,10 @@ from launch_cluster import (
 )
 from tiny_assets import write_assets
 
+# One xdist group (make test: --dist loadgroup): its tests share the sshd /
+# Slurm daemons the module starts.
+pytestmark = pytest.mark.xdist_group("test_launch")
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 RECIPE = "launch/recipes/tiny-e2e.yaml"

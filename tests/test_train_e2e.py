@@ -166,7 +166,9 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, monkeypatch, ds_config, max_staleness,
                                                            pt_corpus, test_stage):
     out = tmp_path / "run"
-    pt = (f"data.pretrain_corpus=[{assets['corpus']}]",) if pt_corpus else ()
+    # The PT term here with top-K teacher scores (the stop/resume runs below cover hidden states).
+    pt = (f"data.pretrain_corpus=[{assets['corpus']}]", "sampling.teacher_dist=topk",
+          "sampling.teacher_topk=4") if pt_corpus else ()
     test = ("eval.num_test=6", "eval.test_seeds=1", "eval.max_new_tokens=8", "eval.side_by_side=2",
             "output.report_to=[tensorboard,wandb]") if test_stage else ()
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without a network
@@ -176,6 +178,9 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, mon
     # The runtime is what ran, and its log reads as lines in a file: no carriage-return frames.
     assert "starting 2 Ray rollout worker(s)" in result.stdout and "DeepSpeed engine over 2 learner rank(s)" in result.stdout
     assert "\r" not in result.stdout + result.stderr
+    # The end of the phase says how many workers would balance generation and learning (measured).
+    assert re.search(r"minillm: balance: a rollout worker generates \S+ samples/s, the 2 learner rank\(s\) learn "
+                     r"\S+ samples/s: \S+ worker\(s\) balance them; use \d+", result.stdout), result.stdout[-2000:]
     if test_stage:
         _check_test_stage(out, result.stdout)
     summary = json.loads((out / "run_summary.json").read_text())
@@ -240,10 +245,12 @@ def _check_test_stage(out: Path, stdout: str) -> None:
 
 
 def _one_learner(assets) -> tuple[str, ...]:
-    """The settings of the stop/resume runs: one learner, and the PT term on the tiny corpus with
-    top-K teacher scores, so its block order and teacher calls must resume exactly too."""
+    """The settings of the stop/resume runs: one learner, and the PT term on the tiny corpus, so
+    its block order and teacher calls must resume exactly too; the teacher signal as hidden
+    states (what ``auto`` gives this teacher): rollouts and the PT term's teacher scores travel
+    as hidden states and the learner applies the teacher head it read from the checkpoint."""
     return ("runtime.num_learners=1", "train.optim.lr=0.01", f"data.pretrain_corpus=[{assets['corpus']}]",
-            "sampling.teacher_dist=topk", "sampling.teacher_topk=4")
+            "sampling.teacher_dist=hidden")
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +260,7 @@ def uninterrupted(assets, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("resumed_like_uninterrupted")  # they share the `uninterrupted` run
 @pytest.mark.parametrize("stop_after, expected_tag", [
     (SFT_STEPS + 2, "phase1-minillm-step00000002"),  # inside MiniLLM, after its first round
     (SFT_STEPS, "phase0-sft-step00000006"),  # the last SFT step: the SFT -> MiniLLM boundary
@@ -283,6 +291,7 @@ def _assert_resumed_like(out: Path, uninterrupted: Path) -> None:
     rounds = [r for r in records if "round" in r]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["pt/soft_ce"] > 0 and r["pt/ce"] > 0 for r in rounds)  # the PT term ran, with the teacher
+    assert all(r["single/kl"] > 0 for r in rounds)  # the single-step term, from the shipped hidden states
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["total_steps"] == SFT_STEPS + 6 and summary["replay"]["consumed"] == 3 * 8
     assert summary["replay"]["produced"] == summary["replay"]["consumed"]
@@ -301,6 +310,7 @@ def _logged_sft_steps(out: Path) -> list[int]:
     return steps
 
 
+@pytest.mark.xdist_group("resumed_like_uninterrupted")  # they share the `uninterrupted` run
 def test_signal_stops_with_verified_checkpoints_that_resume_exactly_even_if_the_newest_is_corrupt(
         assets, tmp_path, uninterrupted):
     """SIGUSR1 (then SIGTERM, as a second signal while stopping) mid-SFT: exit 3 after a
@@ -353,22 +363,6 @@ def test_signal_stops_with_verified_checkpoints_that_resume_exactly_even_if_the_
     # It went on from the previous checkpoint: one more step (SFT) or round (MiniLLM) after it.
     resumed_to = int(re.search(r"stopped after (\d+) optimizer steps", result.stdout).group(1))
     assert previous_steps < resumed_to <= previous_steps + 2
-
-
-def test_hidden_teacher_signal_run_resumes_exactly(assets, tmp_path):
-    """``sampling.teacher_dist=hidden`` (what ``auto`` gives this teacher): rollouts and the PT
-    term's teacher scores travel as hidden states, the learner applies the teacher head it read
-    from the checkpoint; stopped after the first MiniLLM round and resumed, the run ends as an
-    uninterrupted one."""
-    settings = ("runtime.num_learners=1", "train.optim.lr=0.01", f"data.pretrain_corpus=[{assets['corpus']}]",
-                "sampling.teacher_dist=hidden")
-    reference = tmp_path / "uninterrupted"
-    _check_ok(_train(assets, reference, *settings))
-    out = tmp_path / "run"
-    _check_ok(_train(assets, out, *settings, f"runtime.stop_after_steps={SFT_STEPS + 2}"), EXIT_PREEMPTED)
-    _check_ok(_train(assets, out, *settings, resume="auto"))
-    _assert_resumed_like(out, reference)
-    assert all(r["single/kl"] > 0 for r in _metrics(out) if "round" in r)
 
 
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(assets, tmp_path):

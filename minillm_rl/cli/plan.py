@@ -14,6 +14,9 @@ a Ray driver (learner rank 0) needs a Ray node on its own host.
 Parameter counts are exact: the model is built on the ``meta`` device (no memory, no weights)
 from its ``config.json`` -- a local model directory's, or ``launch/model_configs/<name>.json``
 for a hub name (``facebook/opt-13b`` -> ``opt-13b.json``).
+
+Longer than ~400 lines because the plan is one computation (placement, memory per role, the
+commands that --execute runs) whose parts use each other's numbers; it is read top to bottom.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ answered by the assistant).
 Bad input raises :class:`ValueError` with ``"<file>:<line>: <what is wrong>; expected <what>"``;
 with ``skip_bad=True`` bad records are counted by reason instead (malformed JSON inside a JSON
 array cannot be skipped: the reader cannot resynchronise after it).
+
+Longer than ~400 lines because every container shares the one record parser and its error
+messages; the containers' readers are short and read best next to it.
 """
 
 from __future__ import annotations

@@ -157,6 +157,9 @@ class SFTConfig:
     batch_size: int = _bounded(32, low=1)
     micro_batch_size: int = _bounded(8, low=1)
     optim: OptimConfig = field(default_factory=_sft_optim)
+    # Validate (and checkpoint) every this many steps of a supervised phase; 0 = train.eval_interval.
+    # Supervised phases often take many more, cheaper steps than MiniLLM rounds.
+    eval_interval: int = _bounded(0, low=0)
 
 
 @dataclass

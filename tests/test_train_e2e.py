@@ -168,7 +168,7 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, mon
     out = tmp_path / "run"
     # The PT term here with top-K teacher scores (the stop/resume runs below cover hidden states).
     pt = (f"data.pretrain_corpus=[{assets['corpus']}]", "sampling.teacher_dist=topk",
-          "sampling.teacher_topk=4") if pt_corpus else ()
+          "sampling.teacher_topk=4", "sft.eval_interval=2") if pt_corpus else ()
     test = ("eval.num_test=6", "eval.test_seeds=1", "eval.max_new_tokens=8", "eval.side_by_side=2",
             "output.report_to=[tensorboard,wandb]") if test_stage else ()
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without a network
@@ -204,6 +204,8 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, mon
     # SFT init = lowest validation loss.
     sft_losses = [(r["validation_loss"], r["step"]) for r in records if "validation_loss" in r]
     assert summary["best_validation_loss"] == min(sft_losses)[0]
+    # SFT validates every sft.eval_interval steps when set, else every train.eval_interval (3).
+    assert [step for _, step in sft_losses] == ([2, 4, 6] if pt_corpus else [3, sft_steps])
 
     # Replay accounting balances; rollouts are never staler than max_staleness.
     replay = summary["replay"]

@@ -96,7 +96,8 @@ def run_supervised(run: TrainingRun, engine) -> None:
     ``sft.num_epochs`` epochs of seeded permutations; each optimizer step takes a global batch of
     ``sft.batch_size`` examples split over the ranks, with the loss the token mean over the whole
     global batch (as on one rank). Validation (loss on the human answers, Rouge-L) every
-    ``train.eval_interval`` steps and at the end; a checkpoint after each validation.
+    ``sft.eval_interval`` steps (``train.eval_interval`` when 0) and at the end; a checkpoint after
+    each validation.
     """
     cfg, progress = run.cfg, run.progress
     phase = run.phase_name()
@@ -105,6 +106,7 @@ def run_supervised(run: TrainingRun, engine) -> None:
     steps_per_epoch = len(examples) // batch_size
     total = run.sft_total_steps()
     engine.train()
+    eval_interval = cfg.sft.eval_interval or cfg.train.eval_interval
     line = phase_progress(run, total, phase, "steps")
     order, order_epoch = None, None
     while progress.phase_step < total:
@@ -128,8 +130,7 @@ def run_supervised(run: TrainingRun, engine) -> None:
                 "time/step": time.perf_counter() - started,
             })
             line.update(progress.phase_step, loss=global_loss)
-        if crossed_interval(progress.phase_step - 1, progress.phase_step, cfg.train.eval_interval) \
-                or progress.phase_step == total:
+        if crossed_interval(progress.phase_step - 1, progress.phase_step, eval_interval) or progress.phase_step == total:
             select(run, engine, validation_loss=_validation_loss(run, engine))
             checkpoint(run, engine)
         maybe_preempt(run, engine, steps_before)

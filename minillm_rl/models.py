@@ -105,20 +105,21 @@ def load_causal_lm(
 
 def load_tokenizer(path_or_name: str | os.PathLike, gguf_file: str | None = None):
     """Load the tokenizer that goes with :func:`load_causal_lm`'s model."""
-    source = _check_source(path_or_name, gguf_file)
-    try:
-        return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    except OSError as err:
-        raise ValueError(f"cannot load tokenizer {source!r}: {str(err).splitlines()[0]}") from err
+    return _from_pretrained(AutoTokenizer, "tokenizer", path_or_name, gguf_file)
 
 
 def load_model_config(path_or_name: str | os.PathLike, gguf_file: str | None = None):
     """The model's ``transformers`` config alone (no weights)."""
+    return _from_pretrained(AutoConfig, "the config of model", path_or_name, gguf_file)
+
+
+def _from_pretrained(auto_class, what: str, path_or_name: str | os.PathLike, gguf_file: str | None):
+    """``auto_class.from_pretrained`` of a checked source; a load error is one ``ValueError`` line."""
     source = _check_source(path_or_name, gguf_file)
     try:
-        return AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+        return auto_class.from_pretrained(source, gguf_file=gguf_file)
     except OSError as err:
-        raise ValueError(f"cannot load the config of model {source!r}: {str(err).splitlines()[0]}") from err
+        raise ValueError(f"cannot load {what} {source!r}: {str(err).splitlines()[0]}") from err
 
 
 # Config fields with which a model transforms its LM head's output before returning the logits

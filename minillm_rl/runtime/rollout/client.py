@@ -1,5 +1,8 @@
 """Rank 0's side of rollout generation: weight sync, a round's shards, and recovery from faults.
 
+About 400 lines because every recovery path below shares the shard bookkeeping and the store
+mirror; split off first, if it grows: the weight publishing (``sync``/``publish``).
+
 :class:`RolloutClient` talks to the rollout worker actors and the replay store actor; it knows
 nothing about the training run (the coordinator passes the shards, seeds and a weights source).
 :func:`generate_texts_on_workers` runs the coordinator's validation generation on the same workers.

@@ -1,5 +1,8 @@
 """The rollout worker: a frozen teacher and a versioned student copy that generate rollouts.
 
+About 400 lines: the worker class, its Ray actor factory and the caller-side helpers that talk to
+it (timeouts, weight publishing) share its version contract, described here once.
+
 :class:`RolloutWorker` is a plain class (tested without Ray); :func:`make_rollout_worker` starts
 it as a restartable Ray actor. The client helpers :func:`call_with_timeout` and
 :func:`broadcast_student_weights` are what the coordinator uses to talk to the actors.

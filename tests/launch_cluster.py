@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from minillm_rl.runtime.learner import pick_free_port
+
 NODE_ADDRESSES = {"minillm-node1": "127.0.0.1", "minillm-node2": "127.0.0.2"}
 LAUNCH_DEPS = ("sshd", "ssh", "ssh-keygen", "pdsh", "munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
@@ -31,12 +33,6 @@ LAUNCH_DEPS = ("sshd", "ssh", "ssh-keygen", "pdsh", "munged", "slurmctld", "slur
 def missing_launch_deps() -> list[str]:
     return [name for name in LAUNCH_DEPS if shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
             is None]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.5):
@@ -101,7 +97,7 @@ def ssh_nodes(workdir: Path) -> Iterator[dict[str, str]]:
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / key)], check=True)
     (workdir / "authorized_keys").write_text((workdir / "client_key.pub").read_text())
-    port = free_port()
+    port = pick_free_port()
     listen = "\n".join(f"ListenAddress {address}:{port}" for address in NODE_ADDRESSES.values())
     (workdir / "sshd_config").write_text(f"""{listen}
 HostKey {workdir / 'host_key'}
@@ -156,8 +152,8 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         conf = root / "slurm.conf"
         conf.write_text(f"""ClusterName=minillmtest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={pick_free_port()}
+SlurmdPort={pick_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root / 'munge.sock'}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minillm_rl.algorithm.batching import left_pad
-from minillm_rl.runtime.learner import _free_port, launcher_env, resolve_ds_config
+from minillm_rl.runtime.learner import pick_free_port, launcher_env, resolve_ds_config
 from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.config import OptimConfig
 from minillm_rl.algorithm.engine import TorchEngine, lr_factor
@@ -94,7 +95,7 @@ def runs(learner_data, tmp_path_factory) -> dict[str, dict]:
     results = {}
     for name, (launcher, config, micro, extra) in plans.items():
         if launcher[0] == "deepspeed":
-            launcher = [*launcher, "--master_port", str(_free_port()), str(SCRIPT)]
+            launcher = [*launcher, "--master_port", str(pick_free_port()), str(SCRIPT)]
         _run([*launcher, "--data", str(data_path), "--ds-config", str(DS_CONFIGS / config),
               "--micro-batch-size", str(micro), "--rounds", str(ROUNDS), "--out", str(out / f"{name}.pt"), *extra])
         results[name] = torch.load(out / f"{name}.pt", weights_only=False)
@@ -206,6 +207,15 @@ def test_broken_ds_config_file_names_the_line(tmp_path):
         resolve_ds_config(tmp_path / "missing.json", OptimConfig(), 4, 1)
 
 
+def test_picked_ports_are_outside_the_kernels_ephemeral_range():
+    low, high = (int(value) for value in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(50):
+        port = pick_free_port()
+        assert not low <= port <= high
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
 def test_launcher_env_for_srun_torchrun_and_no_launcher():
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
              "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5"}
@@ -214,8 +224,10 @@ def test_launcher_env_for_srun_torchrun_and_no_launcher():
     assert launcher_env({**slurm, "MASTER_ADDR": "node1", "MASTER_PORT": "29500"})["RANK"] == "3"
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
     assert launcher_env({**torchrun, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}
-    alone = launcher_env({})
-    assert (alone["RANK"], alone["WORLD_SIZE"], alone["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    # No launcher: a world of one with an in-process store, so no port that another process can take.
+    assert launcher_env({}) == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    with pytest.raises(ValueError, match="MASTER_PORT=None"):
+        launcher_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
     with pytest.raises(ValueError, match="RANK=2 must be < WORLD_SIZE=2"):
         launcher_env({**torchrun, "RANK": "2"})
     with pytest.raises(ValueError, match="srun launch: set MASTER_ADDR"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm_rl.runtime.learner import _free_port
+from minillm_rl.runtime.learner import pick_free_port
 from minillm_rl.runtime.preemption import PreemptionSignals, children_ignore_sigusr1
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _start_forwarder(tmp_path: Path, **popen_kwargs) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(_free_port()), str(tmp_path)],
+    return subprocess.Popen([sys.executable, "-c", FORWARDER, str(script), str(pick_free_port()), str(tmp_path)],
                             env=env, cwd=REPO, **popen_kwargs)
 
 

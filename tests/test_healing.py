@@ -236,13 +236,16 @@ def _repo_root():
     (["--heal-tokens", "4096", "--heal-corpus", "CORPUS", "--heal-validation-blocks", "500"],
      "to hold out"),
 ])
-def test_bad_healing_input_is_one_line_exit_2_and_writes_nothing(extra, expected, teacher_dir, tmp_path):
+def test_bad_healing_input_is_one_line_exit_2_and_writes_nothing(extra, expected, teacher_dir, tmp_path, capsys):
+    """The CLI's entry function in this process (the subprocess path is the test above's)."""
+    from minillm_rl.cli import main
+
     corpus = _write_corpus(tmp_path / "corpus", [" ".join(WORDS)] * 6)
     args = [str(corpus) if a == "CORPUS" else str(tmp_path / "missing") if a == "MISSING" else a for a in extra]
     expected = expected.replace("MISSING", str(tmp_path / "missing"))
-    result = _cli("init-student", "--teacher", str(teacher_dir), "--layers", "2", "--out", str(tmp_path / "out"),
-                  "--heal-block-size", str(BLOCK), "--heal-batch-size", "4", *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    code = main(["init-student", "--teacher", str(teacher_dir), "--layers", "2", "--out", str(tmp_path / "out"),
+                 "--heal-block-size", str(BLOCK), "--heal-batch-size", "4", *args])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minillm-rl: error:") and expected in lines[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.healing").exists()

@@ -27,7 +27,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_cluster import (
     NODE_ADDRESSES,
-    free_port,
     job_fields,
     missing_launch_deps,
     poll,
@@ -36,6 +35,8 @@ from launch_cluster import (
     ssh_nodes,
 )
 from tiny_assets import write_assets
+
+from minillm_rl.runtime.learner import pick_free_port
 
 # One xdist group (make test: --dist loadgroup): its tests share the sshd /
 # Slurm daemons the module starts.
@@ -66,8 +67,9 @@ def assets(tmp_path_factory):
 
 
 def _recipe_overrides(assets, out: Path) -> list[str]:
+    # One rollout worker: what these tests check is the launchers, not the number of workers.
     return [f"model.teacher={assets['teacher']}", f"model.student={assets['student']}",
-            f"data.train={assets['data']}", f"output.dir={out}"]
+            f"data.train={assets['data']}", f"output.dir={out}", "runtime.num_rollout_workers=1"]
 
 
 def _run_env(base: dict[str, str], ray_tmp: Path) -> dict[str, str]:
@@ -75,7 +77,7 @@ def _run_env(base: dict[str, str], ray_tmp: Path) -> dict[str, str]:
     # A token path of this test's own: the launch scripts write it as on a fresh cluster, whatever
     # an earlier local ray.init() left in ~/.ray.
     return {**base, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "GLOO_SOCKET_IFNAME": "lo", "RAY_PORT": str(free_port()), "RAY_TMPDIR": str(ray_tmp),
+            "GLOO_SOCKET_IFNAME": "lo", "RAY_PORT": str(pick_free_port()), "RAY_TMPDIR": str(ray_tmp),
             "RAY_AUTH_TOKEN_PATH": str(ray_tmp / "auth_token")}
 
 
@@ -93,7 +95,7 @@ def _assert_finished(out: Path, world_size: int) -> None:
 @pytest.fixture
 def ray_tmp():
     """Ray's --temp-dir: short (Ray's socket paths must fit 107 bytes) and removed afterwards."""
-    path = Path(f"/tmp/minillm_ray_{os.getpid()}_{free_port()}")
+    path = Path(f"/tmp/minillm_ray_{os.getpid()}_{pick_free_port()}")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -149,7 +151,7 @@ def test_ray_cluster_head_writes_the_auth_token_a_worker_must_find(tmp_path):
 
 def test_ray_cluster_wait_times_out_instead_of_hanging():
     env = {**os.environ, "RAY_WAIT_TIMEOUT_S": "2"}
-    result = subprocess.run([str(LAUNCH / "ray_cluster.sh"), "wait", "1", f"127.0.0.1:{free_port()}"],
+    result = subprocess.run([str(LAUNCH / "ray_cluster.sh"), "wait", "1", f"127.0.0.1:{pick_free_port()}"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0 and "the Ray GCS" in result.stderr and "not there after 2 s" in result.stderr
 
@@ -196,7 +198,7 @@ def test_deepspeed_multinode_two_nodes_over_pdsh(launch_deps, assets, tmp_path, 
     hostfile.write_text("".join(f"{name} slots=1\n" for name in NODE_ADDRESSES))
     out = tmp_path / "run"
     with ssh_nodes(tmp_path / "ssh") as ssh_env:
-        env = {**_run_env(ssh_env, ray_tmp), "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())}
+        env = {**_run_env(ssh_env, ray_tmp), "HOSTFILE": str(hostfile), "MASTER_PORT": str(pick_free_port())}
         result = subprocess.run([str(LAUNCH / "deepspeed_multinode.sh"), RECIPE, *_recipe_overrides(assets, out)],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     log = result.stdout + result.stderr

@@ -326,7 +326,7 @@ def test_bench_quality_resume_state_and_dry_run_on_tiny_assets(tmp_path, capsys)
     assert (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns == before
 
 
-def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path):
+def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ray, monkeypatch):
     """``--size gpu`` (bf16 ZeRO-2, its batch and length settings) through the real script on tiny
     models on CPU, with the GPU-only placement turned off: SFT and MiniLLM (with its SFT init and
     the PT term) train, every model is evaluated with the distillation metrics, and the report has
@@ -341,7 +341,9 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path):
         "data.max_prompt_tokens=64", "data.max_length=80", "sampling.max_new_tokens=8", "eval.max_new_tokens=8",
         "sft.batch_size=8", "sft.micro_batch_size=8", "train.num_rollouts=8", "train.micro_batch_size=8",
         "train.eval_interval=100", "sft.optim.warmup_steps=1", "runtime.rpc_timeout_s=120",
-        "runtime.collective_timeout_s=300")]
+        "runtime.collective_timeout_s=300", f"runtime.ray_address={shared_ray['address']}")]
+    for name, value in shared_ray["env"].items():  # the training runs join the shared Ray head
+        monkeypatch.setenv(name, value)
     bench.main(["--size", "gpu", "--out", str(out), "--teacher", str(assets["teacher"]), "--student",
                 str(assets["student"]), "--data", str(assets["data"]), "--pt-corpus", str(assets["corpus"]),
                 "--num-test", "4", "--seeds", "1", "--test-seeds", "1", "--epochs", "2", "--sft-epochs", "1",

@@ -128,18 +128,22 @@ def test_small_helpers():
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_assets(tmp_path_factory.mktemp("tiny_assets"))
+def assets(tmp_path_factory, shared_ray):
+    """The tiny models and data (tests/tiny_assets.py), and the Ray head the runs join."""
+    return {**write_assets(tmp_path_factory.mktemp("tiny_assets")), "ray": shared_ray}
 
 
 def _train_command(assets, out: Path, *overrides: str, resume: str | None = None) -> tuple[list[str], dict]:
-    """``(argv, env)`` of a ``minillm-rl train`` run of the tiny recipe into ``out``."""
+    """``(argv, env)`` of a ``minillm-rl train`` run of the tiny recipe into ``out``, on the shared
+    Ray head (``runtime.ray_address=local`` among ``overrides`` starts one of the run's own)."""
     args = [sys.executable, "-m", "minillm_rl.cli", "train", "--config", str(RECIPE),
             f"model.teacher={assets['teacher']}", f"model.student={assets['student']}",
-            f"data.train={assets['data']}", f"output.dir={out}", *overrides]
+            f"data.train={assets['data']}", f"output.dir={out}", f"runtime.ray_address={assets['ray']['address']}",
+            *overrides]
     if resume is not None:
         args += ["--resume", resume]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **assets["ray"]["env"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     return args, env
 
 
@@ -263,17 +267,16 @@ def uninterrupted(assets, tmp_path_factory):
 
 
 @pytest.mark.xdist_group("resumed_like_uninterrupted")  # they share the `uninterrupted` run
-@pytest.mark.parametrize("stop_after, expected_tag", [
-    (SFT_STEPS + 2, "phase1-minillm-step00000002"),  # inside MiniLLM, after its first round
-    (SFT_STEPS, "phase0-sft-step00000006"),  # the last SFT step: the SFT -> MiniLLM boundary
-])
-def test_preempted_run_resumes_to_the_same_weights_and_best(assets, tmp_path, uninterrupted, stop_after,
-                                                            expected_tag):
+def test_run_preempted_twice_resumes_to_the_same_weights_and_best(assets, tmp_path, uninterrupted):
+    """Stopped at the last SFT step (the SFT -> MiniLLM boundary), resumed and stopped again inside
+    MiniLLM after its first round, resumed to the end: the three processes end as one."""
     out = tmp_path / "run"
-    stopped = _train(assets, out, *_one_learner(assets), f"runtime.stop_after_steps={stop_after}")
-    _check_ok(stopped, EXIT_PREEMPTED)
-    assert (out / "checkpoints" / "latest").read_text().strip() == expected_tag
-    assert not (out / "final").exists()
+    for stop_after, expected_tag, resume in ((SFT_STEPS, "phase0-sft-step00000006", None),
+                                             (SFT_STEPS + 2, "phase1-minillm-step00000002", "auto")):
+        stopped = _train(assets, out, *_one_learner(assets), f"runtime.stop_after_steps={stop_after}", resume=resume)
+        _check_ok(stopped, EXIT_PREEMPTED)
+        assert (out / "checkpoints" / "latest").read_text().strip() == expected_tag
+        assert not (out / "final").exists()
 
     _check_ok(_train(assets, out, *_one_learner(assets), resume="auto"))
     _assert_resumed_like(out, uninterrupted)
@@ -287,7 +290,7 @@ def _assert_resumed_like(out: Path, uninterrupted: Path) -> None:
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0, msg=name)
     assert json.loads((out / "best.json").read_text()) == json.loads((uninterrupted / "best.json").read_text())
     # The resumed process continued from the checkpoint instead of starting over: every SFT
-    # step and MiniLLM round was logged exactly once over the two processes.
+    # step and MiniLLM round was logged exactly once over the processes.
     records = _metrics(out)
     assert [r["step"] for r in records if r["stage"] == "sft" and "loss" in r] == list(range(1, SFT_STEPS + 1))
     rounds = [r for r in records if "round" in r]
@@ -448,7 +451,10 @@ def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
     from minillm_rl.algorithm.supervised import supervised_micro_batch_loss
 
     out = tmp_path / "run"
-    _check_ok(_train(assets, out, "runtime.num_learners=1", f"train.phases=[{phase}]"))
+    # SeqKD's targets are generated in one shard per rollout worker (seeded by shard): 2 of them.
+    workers = 2 if phase == "seqkd" else 1
+    _check_ok(_train(assets, out, "runtime.num_learners=1", f"runtime.num_rollout_workers={workers}",
+                     f"train.phases=[{phase}]"))
     tokenizer = load_tokenizer(assets["student"])
     train, _ = split_validation(load_instructions(str(assets["data"])).examples, 8, 0)
     train, _ = tokenize_examples(train, tokenizer, 64, 16, template="minillm")
@@ -462,7 +468,7 @@ def test_baselines_train_on_the_teachers_targets(assets, tmp_path, phase):
             worker = RolloutWorker(assets["teacher"], assets["student"], assets["student"])
             sampling = SamplingConfig(alpha=1.0, max_new_tokens=8, teacher_dist="none")
             expected = []
-            for shard_index, shard in enumerate(split_evenly([e.prompt_ids for e in train], 2)):
+            for shard_index, shard in enumerate(split_evenly([e.prompt_ids for e in train], workers)):
                 rollout = worker.generate(shard, sampling, derived_seed(1, "seqkd", shard_index), -1)
                 expected += [ids[mask > 0].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
             assert targets == expected

@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
-from transformers import DynamicCache
 
 from minillm_rl.algorithm.forward import position_ids_from_mask, response_logits
 from minillm_rl.algorithm.logits import process_logits
@@ -222,6 +221,9 @@ class _CachedDecoder:
 
     def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
                  record_hidden: bool = False):
+        # Imported here: the replay store unpickles Rollouts (this module) and needs no transformers.
+        from transformers import DynamicCache
+
         self.model = model
         self.cache = DynamicCache(config=model.config)
         self.head: tuple[torch.Tensor, torch.Tensor | None] | None = None

@@ -64,7 +64,8 @@ install-launch-deps:
 DEMO_HEAL_TOKENS ?= 32768
 DEMO_STUDENT := artifacts/smollm2-135m-student-6l-heal$(DEMO_HEAL_TOKENS)
 demo: install-demo
-	$(PYTHON) -c "from minillm_rl.models import smollm2_teacher; smollm2_teacher('artifacts')"
+	$(PYTHON) -c "from minillm_rl.cli import quiet_progress_bars_off_a_terminal as quiet; quiet(); \
+		from minillm_rl.models import smollm2_teacher; smollm2_teacher('artifacts')"
 	[ -f $(DEMO_STUDENT)/student_manifest.json ] || $(PYTHON) -m minillm_rl.cli init-student \
 		--teacher artifacts/smollm2-135m-instruct --layers 6 --out $(DEMO_STUDENT) --heal-tokens $(DEMO_HEAL_TOKENS) \
 		--heal-instructions sharegpt --heal-reserved-examples 3000

@@ -94,12 +94,25 @@ def runs(learner_data, tmp_path_factory) -> dict[str, dict]:
     }
     results = {}
     for name, (launcher, config, micro, extra) in plans.items():
+        port = None
         if launcher[0] == "deepspeed":
-            launcher = [*launcher, "--master_port", str(pick_free_port()), str(SCRIPT)]
+            port = pick_free_port()
+            launcher = [*launcher, "--master_port", str(port), str(SCRIPT)]
         _run([*launcher, "--data", str(data_path), "--ds-config", str(DS_CONFIGS / config),
               "--micro-batch-size", str(micro), "--rounds", str(ROUNDS), "--out", str(out / f"{name}.pt"), *extra])
         results[name] = torch.load(out / f"{name}.pt", weights_only=False)
+        results[name]["master_port"] = port
     return results
+
+
+def test_two_rank_runs_leave_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce workspace in /dev/shm (one per rank, named after the run's master
+    port) is gone once the ranks have exited (learner._unlink_shm_workspace)."""
+    ports = [result["master_port"] for result in runs.values() if result["master_port"] is not None]
+    assert len(ports) == 2
+    left = [path.name for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")
+            if any(path.name.endswith(f"_{port}_0") or path.name.endswith(f"_{port}_1") for port in ports)]
+    assert not left
 
 
 def _assert_same_training(a: dict, b: dict) -> None:

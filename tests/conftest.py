@@ -100,11 +100,11 @@ def shared_ray():
     (``launch/ray_cluster.sh start-head``), and stops at the end.
 
     ``minillm-rl train`` runs join it through ``runtime.ray_address`` instead of each starting a
-    Ray instance of their own (measured: ~6 s and ~18 CPU-seconds of Ray daemons per run, on 2
-    cores, where the suite is CPU-bound). The actors still start fresh with every run (they belong
-    to its driver and die with it); runs that test Ray's own start-up and shutdown keep
-    ``runtime.ray_address=local``. The actors' environment is the head's, set here as the runs
-    set theirs.
+    Ray instance of their own (measured for one tiny run, 1 learner: 3-7 s less wall time and 6-9
+    CPU-seconds less, on 2 cores, where the suite is CPU-bound). The actors still start fresh with
+    every run (they belong to its driver and die with it); runs that test Ray's own start-up and
+    shutdown keep ``runtime.ray_address=local``. The actors' environment is the head's, set here
+    as the runs set theirs.
     """
     from minillm_rl.runtime.learner import pick_free_port
 

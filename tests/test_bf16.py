@@ -152,7 +152,8 @@ def _bf16_minillm(assets) -> tuple[str, ...]:
     """bf16 learner (ZeRO-3), bf16 teacher + student copy on the rollout workers, and the exact
     teacher distribution shipped to the learner in bf16."""
     # One rollout worker: resuming exactly across two workers' arrival orders is test_train_e2e's.
-    return ("runtime.num_learners=1", "runtime.num_rollout_workers=1", "runtime.deepspeed_config=ds_configs/zero3_bf16.json", *BF16,
+    return ("runtime.num_learners=1", "runtime.num_rollout_workers=1",
+            "runtime.deepspeed_config=ds_configs/zero3_bf16.json", *BF16,
             "sampling.teacher_dist=exact", "sampling.teacher_dist_dtype=bfloat16", "train.optim.lr=0.01")
 
 

@@ -102,7 +102,7 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
     else:
         added["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
     merged = {**environ, **added}
-    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK") if _alone(merged) else ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK") + (() if _alone(merged) else ("MASTER_PORT",))
     for name in needed:
         value = merged.get(name)
         if value is None or not value.isdigit():
@@ -148,8 +148,8 @@ def _unlink_shm_workspace() -> None:
     has mapped every other's.
 
     When all ranks share one machine, DeepSpeed's CPU communication op (``deepspeed_shm_comm_op``,
-    built at ``init_distributed``) creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
-    per rank (69 MB each in DeepSpeed 0.19) and maps the other ranks' ones, and never unlinks them:
+    built at ``init_distributed``) creates, per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (69 MB each in DeepSpeed 0.19) and maps the other ranks' ones, and never unlinks them:
     every local multi-rank run left its buffers in RAM (/dev/shm) until reboot (measured: 266 of them,
     18 GB, after a day of test runs here, until Ray's memory monitor started killing actors). The
     mappings outlive the name, so after a barrier (every rank has opened the others' buffers during

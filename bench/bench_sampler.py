@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from minillm_rl.cli import quiet_progress_bars_off_a_terminal  # noqa: E402
 from minillm_rl.data import load_instructions
 from minillm_rl.algorithm.forward import response_logits
 from minillm_rl.algorithm.chunked_vocab import reverse_kl_to_teacher, reverse_kl_to_teacher_topk
@@ -150,6 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-kl", action="store_true", help="skip the top-K vs exact KL report")
     args = parser.parse_args(argv)
+    quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     torch.set_num_threads(args.threads)
 
     teacher, student, tokenizer = build_models()

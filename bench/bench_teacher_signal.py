@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from minillm_rl.cli import quiet_progress_bars_off_a_terminal  # noqa: E402
 from minillm_rl.algorithm.advantages import AdvantageConfig
 from minillm_rl.algorithm.batching import left_pad
 from minillm_rl.algorithm.chunked_vocab import reverse_kl_to_teacher, reverse_kl_to_teacher_hidden
@@ -126,6 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     torch.set_num_threads(args.threads)
     teacher_dir, student_dir = smollm2_teacher_and_student(REPO / "artifacts")
     teacher, student = load_causal_lm(teacher_dir), load_causal_lm(student_dir)

@@ -1,11 +1,13 @@
-"""Prune + heal: a student made of evenly spaced teacher layers, healed by word-level distillation
-from the teacher on plain text, so that it starts able to speak (``minillm-rl init-student
---heal-tokens N``).
+"""Prune + heal: a student made of a subset of the teacher's layers (chosen by
+:mod:`minillm_rl.layer_selection`, by default the most influential ones), healed by word-level
+distillation from the teacher on plain text, so that it starts able to speak (``minillm-rl
+init-student --heal-tokens N``).
 
 Why: a layer-pruned student is far from its teacher before any training (SmolLM2-135M-Instruct,
-held-out answer NLL in nats/token: teacher 1.92, 12 of 30 layers 14.3, 6 layers 17.9), and SFT on a
-few thousand examples does not bring a 6-layer student back to language. Healing trains it towards
-the teacher's full next-token distribution on generic text first, with the repo's PT machinery:
+held-out answer NLL in nats/token: teacher 1.82; 12 of 30 layers evenly spaced 14.50, the 12 most
+influential 8.87), and SFT on a few thousand examples does not bring a small student back to
+language. Healing trains it towards the teacher's full next-token distribution on generic text
+first, with the repo's PT machinery:
 
 - Corpus (:mod:`minillm_rl.data.healing_corpus`): text files, or an instruction source whose
   first ``reserved_examples`` examples (and later repeats of their prompts) are left out, so the
@@ -44,8 +46,9 @@ from minillm_rl.algorithm.losses import sft_loss
 from minillm_rl.algorithm.ppo import PretrainBatch, pretrain_micro_batch_loss
 from minillm_rl.config import OptimConfig
 from minillm_rl.data.healing_corpus import CorpusSource, HealCorpus, build_heal_corpus, load_documents
+from minillm_rl.layer_selection import SelectionRule, block_influence, check_layer_list, select_layers
 from minillm_rl.models import (
-    evenly_spaced_layers,
+    cache_dir,
     load_causal_lm,
     load_tokenizer,
     prune_student,
@@ -241,13 +244,15 @@ def _next_multiple(tokens: int, every: int) -> int:
     return (tokens // every + 1) * every if every else 0
 
 
-def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: str | os.PathLike,
+def init_student(teacher_source: str | os.PathLike, num_layers: int | list[int], out_dir: str | os.PathLike,
                  gguf_file: str | None = None, dtype: torch.dtype = torch.float32, heal: HealSettings | None = None,
                  corpus: CorpusSource | None = None, checkpoint_interval_s: float = 600.0,
-                 log: Callable[[str], None] = log_line) -> Path:
-    """Write a student of ``num_layers`` evenly spaced teacher layers (in ``dtype``), the teacher's
-    tokenizer and ``student_manifest.json`` to ``out_dir`` (atomically: a staged directory renamed
-    into place, the manifest written last); healed first when ``heal`` is given (with ``corpus``).
+                 log: Callable[[str], None] = log_line, select: SelectionRule = "influence") -> Path:
+    """Write a student of ``num_layers`` teacher layers chosen by ``select`` (``num_layers`` a list:
+    exactly those layers), in ``dtype``, the teacher's tokenizer and ``student_manifest.json`` to
+    ``out_dir`` (atomically: a staged directory renamed into place, the manifest written last);
+    healed first when ``heal`` is given (with ``corpus``). ``select="influence"`` measures the block
+    influence on the corpus's held-out blocks, so it needs the corpus (healing).
 
     Every input is checked (``ValueError``, one line) before anything is written. A healing in
     progress keeps a checkpoint in ``<out_dir>.healing/`` (every ``checkpoint_interval_s`` seconds
@@ -258,11 +263,16 @@ def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: st
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} already exists; expected a new output directory")
-    if num_layers < 1:
+    explicit = isinstance(num_layers, list)
+    if not explicit and num_layers < 1:
         raise ValueError(f"--layers {num_layers}: expected >= 1")
     if (heal is None) != (corpus is None):
         raise ValueError("healing needs --heal-tokens N > 0 and a corpus (--heal-corpus or --heal-instructions) together")
     tokenizer = load_tokenizer(teacher_source, gguf_file=gguf_file)
+    if not explicit and select == "influence" and heal is None:
+        raise ValueError("--select influence measures the layers on the healing corpus's held-out text: heal the "
+                         "student (--heal-tokens N with --heal-corpus or --heal-instructions), or use --select even "
+                         "or --keep-layers")
     heal_corpus = None
     if heal is not None:
         heal_corpus = build_heal_corpus(*load_documents(corpus, tokenizer), tokenizer, heal.block_size,
@@ -270,12 +280,27 @@ def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: st
                                         heal.batch_size * heal.block_size, heal.seed)
     # Healing trains float32 master weights: the teacher is pruned in float32 and scored in heal.teacher_dtype.
     teacher = load_causal_lm(teacher_source, dtype=torch.float32 if heal else dtype, gguf_file=gguf_file)
-    keep = evenly_spaced_layers(teacher.config.num_hidden_layers, num_layers)
+    n_total = teacher.config.num_hidden_layers
+    selection: dict[str, Any]
+    if explicit:
+        keep = check_layer_list(num_layers, n_total)
+        selection = {"rule": "explicit"}
+    elif select == "influence":
+        influence = block_influence(teacher, heal_corpus.validation_blocks, heal.batch_size)
+        keep = select_layers("influence", num_layers, n_total, influence)
+        selection = {"rule": "influence", "influence": influence,
+                     "measured_on": {"held_out_blocks": len(heal_corpus.validation_blocks),
+                                     "fingerprint": heal_corpus.summary()["validation_fingerprint"]}}
+        log("init-student: block influence per teacher layer " + " ".join(f"{value:.3f}" for value in influence) +
+            f"; keeping {keep}")
+    else:
+        keep = select_layers(select, num_layers, n_total)
+        selection = {"rule": select}
     student = prune_student(teacher, keep)
     manifest: dict[str, Any] = {
         "teacher": {"source": str(teacher_source), "gguf_file": gguf_file, "architecture": type(teacher).__name__,
-                    "num_layers": teacher.config.num_hidden_layers},
-        "layers_kept": keep, "dtype": str(dtype).removeprefix("torch."), "healing": None}
+                    "num_layers": n_total},
+        "layers_kept": keep, "layer_selection": selection, "dtype": str(dtype).removeprefix("torch."), "healing": None}
     partial_dir = out_dir.with_name(out_dir.name + ".healing")
     if heal is not None:
         key = {"teacher": manifest["teacher"], "layers_kept": keep, "settings": dataclasses.asdict(heal),
@@ -295,29 +320,35 @@ def init_student(teacher_source: str | os.PathLike, num_layers: int, out_dir: st
 SHAREGPT_RESERVED_EXAMPLES = 3000
 
 
-def healed_student(teacher_dir: str | os.PathLike, artifacts_dir: str | os.PathLike, name: str, layers: int,
-                   heal: HealSettings, corpus: CorpusSource) -> Path:
-    """A ``layers``-layer student of ``teacher_dir`` healed with ``heal`` on ``corpus``, built once
-    under ``artifacts_dir`` in ``<name>-<layers>l-healed-<tokens>tok-<hash of the settings>`` and
-    reused (an interrupted build resumes from its checkpoint); a cached student whose manifest does
-    not match it is refused (:func:`check_student_manifest`)."""
-    key = json.dumps({"teacher": str(teacher_dir), "layers": layers, "heal": dataclasses.asdict(heal),
+def healed_student(teacher_dir: str | os.PathLike, cache: str | os.PathLike, name: str, layers: int,
+                   heal: HealSettings, corpus: CorpusSource, select: SelectionRule = "influence") -> Path:
+    """A ``layers``-layer student of ``teacher_dir`` (layers chosen by ``select``) healed with
+    ``heal`` on ``corpus``, built once under ``cache`` in
+    ``<name>-<layers>l-<select>-healed-<tokens>tok-<hash of the settings>`` and reused (an
+    interrupted build resumes from its checkpoint); a cached student whose manifest does not match
+    it is refused (:func:`check_student_manifest`)."""
+    # eval_every_tokens only adds held-out measurements along the way: the same student either way.
+    trained_by = {name: value for name, value in dataclasses.asdict(heal).items() if name != "eval_every_tokens"}
+    key = json.dumps({"teacher": str(teacher_dir), "layers": layers, "select": select, "heal": trained_by,
                       "corpus": dataclasses.asdict(corpus)}, sort_keys=True)
-    student_dir = Path(artifacts_dir) / (f"{name}-{layers}l-healed-{heal.tokens}tok-"
-                                         f"{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+    student_dir = Path(cache) / (f"{name}-{layers}l-{select}-healed-{heal.tokens}tok-"
+                                 f"{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     if read_student_manifest(student_dir) is None:
-        init_student(teacher_dir, layers, student_dir, heal=heal, corpus=corpus)
+        init_student(teacher_dir, layers, student_dir, heal=heal, corpus=corpus, select=select)
     check_student_manifest(student_dir)
     return student_dir
 
 
-def healed_smollm2_student(artifacts_dir: str | os.PathLike, layers: int, heal_tokens: int,
-                           reserved_examples: int = SHAREGPT_RESERVED_EXAMPLES, **settings: Any) -> tuple[Path, Path]:
+def healed_smollm2_student(cache: str | os.PathLike | None, layers: int, heal_tokens: int,
+                           select: SelectionRule = "influence", reserved_examples: int = SHAREGPT_RESERVED_EXAMPLES,
+                           **settings: Any) -> tuple[Path, Path]:
     """``(teacher_dir, student_dir)``: the SmolLM2-135M-Instruct teacher (:func:`smollm2_teacher`)
-    and a ``layers``-layer student healed for ``heal_tokens`` tokens on the ShareGPT examples after
-    the first ``reserved_examples`` (chat template; ``settings``: other :class:`HealSettings`
-    fields), cached under ``artifacts_dir`` (:func:`healed_student`)."""
-    teacher_dir = smollm2_teacher(artifacts_dir)
+    and a ``layers``-layer student (chosen by ``select``) healed for ``heal_tokens`` tokens on the
+    ShareGPT examples after the first ``reserved_examples`` (chat template; ``settings``: other
+    :class:`HealSettings` fields), cached under ``cache`` (default :func:`cache_dir`;
+    :func:`healed_student`)."""
+    cache = Path(cache or cache_dir())
+    teacher_dir = smollm2_teacher(cache)
     corpus = CorpusSource(instructions="sharegpt", template="chat", reserved_examples=reserved_examples)
     heal = HealSettings(tokens=heal_tokens, **settings)
-    return teacher_dir, healed_student(teacher_dir, artifacts_dir, "smollm2-135m-student", layers, heal, corpus)
+    return teacher_dir, healed_student(teacher_dir, cache, "smollm2-135m-student", layers, heal, corpus, select)

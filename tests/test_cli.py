@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,15 +36,17 @@ def tiny_lm_factory():
 
 
 def test_init_student_keeps_evenly_spaced_layers(teacher_dir, tmp_path):
-    result = _run("init-student", "--teacher", str(teacher_dir), "--layers", "2", "--out", str(tmp_path / "s"))
+    result = _run("init-student", "--teacher", str(teacher_dir), "--layers", "2", "--select", "even",
+                  "--out", str(tmp_path / "s"))
     assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "s" / "student_manifest.json").read_text())["layers_kept"] == [0, 3]
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
     assert (tmp_path / "s" / "tokenizer.json").is_file()
 
 
 def test_init_student_in_bfloat16(teacher_dir, tmp_path):
-    result = _run("init-student", "--teacher", str(teacher_dir), "--layers", "2", "--dtype", "bfloat16",
+    result = _run("init-student", "--teacher", str(teacher_dir), "--keep-layers", "1,2", "--dtype", "bfloat16",
                   "--out", str(tmp_path / "s"))
     assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file
@@ -201,3 +204,19 @@ def test_a_teacher_with_another_tokenizer_is_one_line(student_dir, tmp_path, tin
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"minillm-rl: error: --teacher {other}: tokenizers differ")
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_bars_of_libraries_imported_first_are_quiet_off_a_terminal(tmp_path):
+    """A bench script imports ``datasets`` before it parses its arguments; the libraries read their
+    environment variables at import, so setting them then is not enough: the log must still get no
+    carriage-return frames (with stderr not a terminal, as in a log file)."""
+    script = ("import datasets\n"
+              "from minillm_rl.cli import quiet_progress_bars_off_a_terminal\n"
+              "quiet_progress_bars_off_a_terminal()\n"
+              f"datasets.Dataset.from_dict({{'a': [1, 2, 3]}}).save_to_disk({str(tmp_path / 'data')!r})\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("PROGRESS_BARS", "TQDM_DISABLE"))}
+    # Bytes, not text=True: its universal newlines would turn every '\r' into '\n'.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (tmp_path / "data" / "dataset_info.json").is_file()
+    assert b"\r" not in result.stdout + result.stderr

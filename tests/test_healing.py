@@ -15,6 +15,7 @@ from tiny_assets import WORDS, word_tokenizer
 from minillm_rl.data import load_instructions, split_validation
 from minillm_rl.data.healing_corpus import CorpusSource, build_heal_corpus, load_documents
 from minillm_rl.healing import HealSettings, heal_student, healed_student, init_student
+from minillm_rl.layer_selection import block_influence, most_influential_layers
 from minillm_rl.models import check_model_files, evenly_spaced_layers, load_causal_lm, prune_student
 from minillm_rl.student_manifest import MANIFEST_NAME, read_student_manifest
 
@@ -153,9 +154,10 @@ def teacher_dir(tmp_path, teacher, tokenizer):
 
 
 def test_a_manifest_that_does_not_match_its_student_directory_is_refused(teacher_dir, tmp_path):
-    student_dir = init_student(teacher_dir, 2, tmp_path / "student")
+    student_dir = init_student(teacher_dir, 2, tmp_path / "student", select="even")
     manifest = read_student_manifest(student_dir)
     assert manifest["layers_kept"] == [0, 3] and manifest["healing"] is None
+    assert manifest["layer_selection"] == {"rule": "even"}
     load_causal_lm(student_dir)  # matching: accepted
 
     weights = student_dir / "model.safetensors"
@@ -183,7 +185,7 @@ def test_a_healed_student_is_built_once_and_reused(teacher_dir, teacher, tokeniz
     built = first.stat().st_mtime_ns
     assert healed_student(teacher_dir, tmp_path / "artifacts", "tiny", 2, heal, corpus) == first
     assert first.stat().st_mtime_ns == built
-    other = healed_student(teacher_dir, tmp_path / "artifacts", "tiny", 1, heal, corpus)
+    other = healed_student(teacher_dir, tmp_path / "artifacts", "tiny", 1, heal, corpus, select="even")
     assert other != first and read_student_manifest(other)["layers_kept"] == [0]
 
 
@@ -203,7 +205,11 @@ def test_cli_heals_and_writes_the_manifest_and_training_refuses_a_student_it_no_
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     healing = manifest["healing"]
-    assert manifest["layers_kept"] == [0, 3] and manifest["teacher"]["source"] == str(teacher_dir)
+    influence = manifest["layer_selection"]["influence"]
+    assert manifest["layer_selection"]["rule"] == "influence" and len(influence) == 4  # the default rule
+    assert manifest["layers_kept"] == most_influential_layers(influence, 2)
+    assert manifest["layer_selection"]["measured_on"]["held_out_blocks"] == 8
+    assert manifest["teacher"]["source"] == str(teacher_dir)
     assert healing["tokens_seen"] == 20 * 4 * BLOCK and healing["corpus"]["documents"] == len(documents)
     assert healing["held_out_nll"]["student_after"] < healing["held_out_nll"]["student_before"]
     assert healing["corpus"]["validation_documents"] == 8 and len(healing["corpus"]["fingerprint"]) == 64
@@ -233,6 +239,8 @@ def _repo_root():
     (["--heal-tokens", "50", "--heal-corpus", "CORPUS"], "--heal-tokens 50: expected at least one batch of --heal-batch-size 4"),
     (["--heal-corpus", "CORPUS"], "need --heal-tokens"),
     (["--heal-tokens", "4096"], "healing needs a corpus"),
+    ([], "--select influence measures the layers on the healing corpus's held-out text"),
+    (["--keep-layers", "0,0"], "--keep-layers 0,0: expected distinct layer indices in [0, 3]"),
     (["--heal-tokens", "4096", "--heal-corpus", "CORPUS", "--heal-validation-blocks", "500"],
      "to hold out"),
 ])
@@ -243,9 +251,44 @@ def test_bad_healing_input_is_one_line_exit_2_and_writes_nothing(extra, expected
     corpus = _write_corpus(tmp_path / "corpus", [" ".join(WORDS)] * 6)
     args = [str(corpus) if a == "CORPUS" else str(tmp_path / "missing") if a == "MISSING" else a for a in extra]
     expected = expected.replace("MISSING", str(tmp_path / "missing"))
-    code = main(["init-student", "--teacher", str(teacher_dir), "--layers", "2", "--out", str(tmp_path / "out"),
+    layers = [] if "--keep-layers" in args else ["--layers", "2"]
+    code = main(["init-student", "--teacher", str(teacher_dir), *layers, "--out", str(tmp_path / "out"),
                  "--heal-block-size", str(BLOCK), "--heal-batch-size", "4", *args])
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minillm-rl: error:") and expected in lines[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.healing").exists()
+
+
+def _plant_near_identity(model, layers: list[int]) -> None:
+    """Make each of ``layers`` add almost nothing to the residual stream (its attention and MLP
+    output projections scaled by 1e-4): the layers a pruning rule should drop first."""
+    for index in layers:
+        layer = model.model.layers[index]
+        layer.self_attn.o_proj.weight.data.mul_(1e-4)
+        layer.mlp.down_proj.weight.data.mul_(1e-4)
+
+
+def test_influence_drops_exactly_the_planted_near_identity_layers(tokenizer, tmp_path):
+    teacher = make_tiny_lm("llama", len(tokenizer), num_layers=6, init_std=1.0, seed=3)
+    _plant_near_identity(teacher, [1, 2])
+    blocks = torch.randint(3, len(tokenizer), (6, BLOCK), generator=torch.Generator().manual_seed(0))
+    influence = block_influence(teacher, blocks, batch_size=4)
+    assert len(influence) == 6
+    assert max(influence[1], influence[2]) < 1e-3 < min(influence[i] for i in (0, 3, 4, 5))
+    assert most_influential_layers(influence, 4) == [0, 3, 4, 5]
+    # Evenly spaced keeps a planted layer: the rules differ on this teacher.
+    assert 2 in evenly_spaced_layers(6, 4)
+
+    # Through init-student: the default rule measures on the corpus's held-out blocks and records it.
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    corpus = CorpusSource(text=(str(_write_corpus(tmp_path / "corpus", _teacher_documents(teacher, tokenizer, 24))),))
+    heal = HealSettings(tokens=4 * BLOCK, block_size=BLOCK, batch_size=4, validation_blocks=4)
+    student_dir = init_student(teacher_dir, 4, tmp_path / "student", heal=heal, corpus=corpus)
+    manifest = read_student_manifest(student_dir)
+    assert manifest["layers_kept"] == [0, 3, 4, 5]
+    assert manifest["layer_selection"]["rule"] == "influence"
+    assert manifest["layer_selection"]["measured_on"]["fingerprint"] == \
+        manifest["healing"]["corpus"]["validation_fingerprint"]

@@ -150,7 +150,10 @@ def _train_command(assets, out: Path, *overrides: str, resume: str | None = None
 def _train(assets, out: Path, *overrides: str, resume: str | None = None,
            timeout: int = 240) -> subprocess.CompletedProcess:
     args, env = _train_command(assets, out, *overrides, resume=resume)
-    return subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, timeout=timeout)
+    # Decoded here, not by text=True: its universal newlines would turn a progress bar's '\r' into '\n'.
+    result.stdout, result.stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+    return result
 
 
 def _check_ok(result: subprocess.CompletedProcess, expected: int = 0) -> None:

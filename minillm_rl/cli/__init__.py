@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -21,13 +22,17 @@ HEAL_SETTING_FLAGS = ("block_size", "batch_size", "lr", "kd_ratio", "validation_
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from minillm_rl.evaluation.protocol import EvalConfig, evaluate_on_data, metrics_table
+    from minillm_rl.data.prompt_record import resolve_eval_template
+    from minillm_rl.evaluation.protocol import EvalConfig, check_eval_out_dir, evaluate_on_data, metrics_table
     from minillm_rl.evaluation.stats import BootstrapConfig
 
+    check_eval_out_dir(args.out, args.overwrite)
+    template, template_source = resolve_eval_template(args.model, args.template, args.force_template)
+    print(template_source, flush=True)
     cfg = EvalConfig.test(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seeds=args.seeds)
     cfg = dataclasses.replace(cfg, temperature=args.temperature, no_repeat_ngram_size=args.no_repeat_ngram_size)
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
-    result = evaluate_on_data(args.model, args.data, args.out, cfg, args.template, args.max_prompt_tokens,
+    result = evaluate_on_data(args.model, args.data, args.out, cfg, template, args.max_prompt_tokens,
                               args.num_examples, args.split, args.dtype, args.device, args.gguf_file,
                               args.teacher, args.teacher_gguf_file, bootstrap)
     print(metrics_table(result))
@@ -77,6 +82,9 @@ def _train(args: argparse.Namespace) -> int:
     from minillm_rl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     resume = args.resume if args.resume is not None else cfg.output.resume
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     inputs = None
@@ -84,15 +92,16 @@ def _train(args: argparse.Namespace) -> int:
         # Bad input is refused here, before any rank starts and before anything is written;
         # under a launcher every rank is a CLI process and checks the same in TrainingRun.
         from minillm_rl.runtime.inputs import check_run_inputs
+        from minillm_rl.tracking import log_line
 
-        inputs = check_run_inputs(cfg, resume, cfg.runtime.num_learners)
+        inputs = check_run_inputs(cfg, resume, cfg.runtime.num_learners, args.overwrite, log_line)
         if cfg.runtime.num_learners > 1:
             from minillm_rl.cli.launch import relaunch_under_deepspeed
 
             return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:])
     from minillm_rl.runtime.coordinator import run_training
 
-    return run_training(cfg, resume, inputs)
+    return run_training(cfg, resume, inputs, args.overwrite)
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -150,28 +159,48 @@ def _plan(args: argparse.Namespace) -> None:
         execute(plan, args.log_dir)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, as argparse's formatter does, except where the help
+    text already states it or there is none to show (``None``, a flag's ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm-rl", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # put first by the deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every subcommand's --help shows its defaults.
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
 
     ev = sub.add_parser("eval", help="generate on instruction data; Rouge-L, exact match, answer statistics and "
                                      "(with --teacher) distillation metrics, with bootstrap intervals")
     ev.add_argument("--model", required=True, help="HF model directory, hub name, or GGUF directory")
     ev.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    ev.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    ev.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype the models are loaded in")
     ev.add_argument("--device", default="auto", help="auto (a GPU when one is visible), cpu, cuda or cuda:N")
     ev.add_argument("--data", required=True, help="jsonl / json file, 'sharegpt', or a datasets name/dir")
-    ev.add_argument("--out", required=True, help="directory for results.json, answers.jsonl, results.md")
-    ev.add_argument("--split", default="test", help="dataset split for datasets sources (default: test)")
-    ev.add_argument("--template", default="minillm", choices=["minillm", "chat"])
-    ev.add_argument("--num-examples", type=int, default=None)
-    ev.add_argument("--max-prompt-tokens", type=int, default=256)
-    ev.add_argument("--max-new-tokens", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--no-repeat-ngram-size", type=int, default=6)
+    ev.add_argument("--out", required=True,
+                    help="new (or empty) directory for results.json, answers.jsonl, results.md")
+    ev.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    ev.add_argument("--split", default="test", help="dataset split for datasets sources")
+    ev.add_argument("--template", default=None, choices=["minillm", "chat"],
+                    help="prompt template (default: the one recorded with the model by `minillm-rl train`, else "
+                         "minillm); one contradicting the record is refused")
+    ev.add_argument("--force-template", action="store_true",
+                    help="evaluate with --template even though the model records another")
+    ev.add_argument("--num-examples", type=int, default=None, help="evaluate the first N examples (default: all)")
+    ev.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts over this are dropped (counted)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50], help="sampling seeds")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ev.add_argument("--no-repeat-ngram-size", type=int, default=6,
+                    help="no n-gram of this size repeats in an answer (0 = off)")
     ev.add_argument("--teacher", default=None,
                     help="teacher (HF directory, hub name, or GGUF directory) for the reverse KL, teacher NLL and "
                          "teacher-answer metrics; same tokenizer as --model")
@@ -184,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="recipe YAML (see launch/recipes/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.alpha=0.3")
     train.add_argument("--resume", default=None, help="auto | none | a checkpoint path (default: output.resume)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an output.dir that holds a previous run, deleting its files")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (recipe + overrides) as YAML and exit; starts nothing")
     train.set_defaults(func=_train)
 
     init = sub.add_parser("init-student", help="a student made of some of the teacher's layers (by default the most "
@@ -238,11 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", required=True, help="the student's model directory (or hub name)")
     prep.add_argument("--out", required=True, help="new directory for the prepared dataset")
     prep.add_argument("--split", default="train", help="dataset split for datasets sources (default: train)")
-    prep.add_argument("--template", default="minillm", choices=["minillm", "chat"])
-    prep.add_argument("--max-prompt-tokens", type=int, default=256)
+    prep.add_argument("--template", default="minillm", choices=["minillm", "chat"], help="prompt template")
+    prep.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts over this are dropped (counted)")
     prep.add_argument("--max-length", type=int, default=512, help="prompt + response token budget")
-    prep.add_argument("--num-validation", type=int, default=1000)
-    prep.add_argument("--split-seed", type=int, default=0)
+    prep.add_argument("--num-validation", type=int, default=1000, help="examples held out for validation")
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the validation split")
     prep.add_argument("--skip-bad-records", action="store_true", help="count malformed records instead of failing")
     prep.add_argument("--pretrain-corpus", nargs="+", default=None, metavar="FILE", help="plain-text PT files/dirs")
     prep.add_argument("--block-size", type=int, default=None, help="tokens per PT block")
@@ -251,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="comparison table (report.md) + training curves (curves.png) of runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or eval directory, or NAME=DIR")
-    rep.add_argument("--out", default="runs/report", help="output directory (default: runs/report)")
+    rep.add_argument("--out", default="runs/report", help="output directory")
     rep.add_argument("--baseline", default=None, metavar="NAME",
                      help="the run name the paired differences are taken against (default: the first name)")
     rep.set_defaults(func=_report)

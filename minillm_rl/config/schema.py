@@ -245,8 +245,8 @@ class RuntimeConfig:
                                 low=0.0)
     eval_on_workers: bool = option(True, "generate validation answers on the rollout workers when the run has "
                                          "them; false (or an SFT-only run): on the learner ranks")
-    rpc_timeout_s: float = option(600.0, "seconds a rollout shard or a replay store call may take before it counts as "
-                                         "failed",
+    rpc_timeout_s: float = option(600.0, "seconds a rollout shard or a replay store call may take before it "
+                                         "counts as failed",
                                   low=0.0, low_open=True)
     collective_timeout_s: float = option(1800.0, "seconds a torch.distributed collective may wait",
                                          low=0.0, low_open=True)

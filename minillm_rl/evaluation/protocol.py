@@ -401,6 +401,18 @@ def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike, name: str
     return out_dir
 
 
+def check_eval_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """``minillm-rl eval --out``: refuse a non-empty directory unless ``overwrite``, so that an
+    evaluation never silently replaces another's results (e.g. a run's own test stage in
+    ``RUN/eval``). Checked before any model is loaded."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"--out {out_dir}: not empty (it holds {', '.join(sorted(p.name for p in path.iterdir())[:4])}"
+                         f"); choose a new directory, or add --overwrite to replace its results")
+
+
 def evaluate_on_data(model_source: str, data_source: str, out_dir: str | os.PathLike, cfg: EvalConfig,
                      template: str = "minillm", max_prompt_tokens: int = 256, num_examples: int | None = None,
                      split: str = "test", dtype: str = "float32", device: str = "auto",

@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from minillm_rl.config import RunConfig
 from minillm_rl.errors import EXIT_PREEMPTED
-from minillm_rl.models import save_model_dir
 from minillm_rl.runtime.checkpointing import parse_checkpoint_tag
 from minillm_rl.runtime.inputs import RunInputs
 from minillm_rl.runtime.learner import init_distributed
@@ -40,7 +39,7 @@ from minillm_rl.runtime.preemption import PreemptionSignals, children_ignore_sig
 from minillm_rl.runtime.resume import Preempted, restore, resume_point
 from minillm_rl.runtime.run import TrainingRun
 from minillm_rl.runtime.selection import write_best_json
-from minillm_rl.runtime.test_stage import run_test_stage
+from minillm_rl.runtime.test_stage import TEST_RESULTS_FILE, run_test_stage
 from minillm_rl.tracking import atomic_write_json, log_line
 
 
@@ -85,7 +84,7 @@ def finish(run: TrainingRun, engine) -> None:
         run.export(engine)
     if not run.is_coordinator:
         return
-    save_model_dir(run.eval_model, run.tokenizer, run.out / "final")
+    run.save_model("final")
     write_best_json(run)
     atomic_write_json(run.out / "run_summary.json", {
         "total_steps": progress.total_steps, "policy_version": progress.policy_version,
@@ -95,13 +94,16 @@ def finish(run: TrainingRun, engine) -> None:
     })
 
 
-def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | None = None) -> int:
+def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | None = None,
+                 overwrite: bool = False) -> int:
     """Train ``cfg`` on this learner rank; every rank of the job calls it.
 
     Args:
         resume: ``"none"``, ``"auto"`` (latest checkpoint under ``output.dir`` if any) or a
             checkpoint path; ``None`` uses ``output.resume``.
         inputs: the run's inputs when this process already loaded them (a world of one).
+        overwrite: start over in an ``output.dir`` that holds a previous run, deleting its files
+            (otherwise such a directory is refused unless resumed).
 
     Returns:
         The process exit code: 0 when done, :data:`EXIT_PREEMPTED` after a preemption signal
@@ -115,7 +117,7 @@ def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | 
                            timeout_s=cfg.runtime.collective_timeout_s) as preemption:
         with children_ignore_sigusr1():  # rank 0 starts Ray's processes here
             run = TrainingRun(cfg, rank, world_size, resume if resume is not None else cfg.output.resume,
-                              inputs if world_size == 1 else None)
+                              inputs if world_size == 1 else None, overwrite)
         preemption.install()  # ray.init (rank 0) replaced the SIGTERM handler with one that aborts
         run.preemption = preemption
         try:
@@ -125,6 +127,11 @@ def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | 
     if world_size > 1:
         dist.barrier()  # no rank tears the group down while another still saves
     if code == 0 and rank == 0 and run.inputs.test_examples:
+        if run.resumed_at_step == run.progress.total_steps and (run.out / TEST_RESULTS_FILE).is_file():
+            # A finished run resumed: nothing was trained, so its test results still hold.
+            log_line(f"test stage: skipped: resumed from a finished run ({run.last_checkpoint}), no step trained, "
+                     f"and {run.out / TEST_RESULTS_FILE} holds its test; delete it to test again")
+            return code
         # After the barrier: the other ranks are done, so a long test stage cannot time out a collective.
         results = run_test_stage(cfg, run.inputs)
         log_line(f"results: {results} (answers side by side), report: {results.parent / 'report.md'}, "

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from minillm_rl.config import RunConfig
+from minillm_rl.config.checks import relative_to_cwd
 from minillm_rl.data import (
     InstructionExample,
     TokenizedExample,
@@ -26,7 +29,14 @@ from minillm_rl.data import (
     split_validation,
     tokenize_examples,
 )
-from minillm_rl.data.prepared import is_prepared_dir, load_prepared, load_prepared_pretrain
+from minillm_rl.data.prepare import PreparationCounts
+from minillm_rl.data.prepared import (
+    format_counts,
+    is_prepared_dir,
+    load_prepared,
+    load_prepared_pretrain,
+    read_manifest,
+)
 from minillm_rl.data.pretraining import pack_into_blocks, read_text_documents
 from minillm_rl.models import (
     check_model_files,
@@ -40,6 +50,63 @@ from minillm_rl.runtime.checkpointing import resume_source
 
 
 CHECKPOINTS_SUBDIR = "checkpoints"
+# The file a run writes first into output.dir: a directory holding it holds a previous run.
+RUN_CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class SplitCounts:
+    """What happened to one split's examples on the way to the prompt and length budgets."""
+
+    name: str
+    examples: int
+    kept: int
+    dropped_prompt_too_long: int
+    dropped_empty: int
+    truncated_response: int
+
+    @classmethod
+    def of(cls, name: str, counts: PreparationCounts) -> SplitCounts:
+        examples = counts.kept + counts.dropped_prompt_too_long + counts.dropped_empty
+        return cls(name, examples, counts.kept, counts.dropped_prompt_too_long, counts.dropped_empty,
+                   counts.truncated_response)
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_prompt_too_long + self.dropped_empty
+
+    def line(self, max_prompt_tokens: int) -> str:
+        return (f"{self.name}: {self.kept} kept of {self.examples} ({self.dropped_prompt_too_long} prompts over "
+                f"{max_prompt_tokens} tokens dropped, {self.dropped_empty} empty dropped, {self.truncated_response} "
+                f"responses truncated)")
+
+
+@dataclass
+class DataReport:
+    """What the run's data loading did: lines for the log (records loaded and skipped, then one
+    per split) and the counts of each split by name (``train``, ``validation``, ``test``)."""
+
+    lines: list[str] = field(default_factory=list)
+    splits: dict[str, SplitCounts] = field(default_factory=dict)
+
+    def add(self, split: SplitCounts, max_prompt_tokens: int) -> None:
+        self.splits[split.name] = split
+        self.lines.append(split.line(max_prompt_tokens))
+
+
+def check_dropped_shares(cfg: RunConfig, report: DataReport) -> None:
+    """Refuse a validation or test split that lost more than ``data.max_dropped_share`` of its
+    examples: checkpoint selection or the test would silently score a different, smaller set."""
+    limit = cfg.data.max_dropped_share
+    for name in ("validation", "test"):
+        split = report.splits.get(name)
+        if split is None or not split.examples or split.dropped / split.examples <= limit:
+            continue
+        raise ValueError(f"data.max_dropped_share={limit:g}: the {name} split lost {split.dropped} of its "
+                         f"{split.examples} examples ({split.dropped_prompt_too_long} prompts over "
+                         f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} tokens, {split.dropped_empty} empty); "
+                         f"raise data.max_prompt_tokens, or set data.max_dropped_share="
+                         f"{split.dropped / split.examples:.2f} to accept it")
 
 
 @dataclass
@@ -57,6 +124,7 @@ class RunInputs:
     pretrain_blocks: torch.Tensor | None
     test_examples: list[TokenizedExample]
     test_references: list[list[str]]
+    data_report: DataReport = field(default_factory=DataReport)
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
@@ -72,7 +140,11 @@ def load_tokenizers(cfg: RunConfig):
     """The student's tokenizer, after checking that the teacher (when the recipe has one) has
     weights and the same tokenizer."""
     model = cfg.model
-    student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
+    try:
+        student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
+    except ValueError as err:
+        missing = "" if Path(model.student).exists() else relative_to_cwd(model.student)
+        raise ValueError(f"model.student: {err}{missing}") from None
     if model.teacher:
         try:
             check_model_files(model.teacher, model.teacher_gguf_file)  # the workers load it, later
@@ -101,20 +173,37 @@ def teacher_signal_mode(cfg: RunConfig) -> str:
         raise ValueError(f"{err} (model.teacher={model.teacher})") from None
 
 
-def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample],
-                                                                  list[InstructionExample]]:
+def load_instruction_splits(cfg: RunConfig, tokenizer, report: DataReport | None = None
+                            ) -> tuple[list[TokenizedExample], list[TokenizedExample], list[InstructionExample]]:
     """``(train, validation, test)``: tokenised training and validation examples, from a prepared
     dataset or the raw source, and the raw examples held out for the test stage
-    (``eval.num_test`` of ``data.train``, split off first; see :func:`load_test_examples`)."""
+    (``eval.num_test`` of ``data.train``, split off first; see :func:`load_test_examples`).
+    ``report``, when given, receives what was loaded, skipped and dropped per split."""
     data = cfg.data
+    report = report if report is not None else DataReport()
     if is_prepared_dir(data.train):  # `minillm-rl prepare-data` output: already split and tokenised
         for dotted, value in (("eval.num_test", cfg.eval.num_test), ("data.max_examples", data.max_examples)):
             if value:
                 raise ValueError(f"{dotted}={value}: data.train ({data.train}) is a prepared dataset, already "
                                  f"split; prepare it with the records you want (or give eval.test_data)")
+        manifest = read_manifest(data.train)
+        report.lines += format_counts(manifest).splitlines()
+        for name in ("train", "validation"):
+            counts = manifest["counts"][name]
+            report.splits[name] = SplitCounts(name, counts["examples"], counts["kept"],
+                                              counts["dropped_prompt_too_long"], counts["dropped_empty"],
+                                              counts["truncated_response"])
         return (*load_prepared(data.train, tokenizer, data), [])
-    loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records,
-                               max_examples=data.max_examples or None)
+    try:
+        loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records,
+                                   max_examples=data.max_examples or None)
+    except ValueError as err:
+        missing = "" if Path(data.train).exists() else relative_to_cwd(data.train)
+        raise ValueError(f"data.train: {err}{missing}") from None
+    skipped = ", ".join(f"{reason}={count}" for reason, count in sorted(loaded.skipped.items())) or "none"
+    report.lines.append(f"loaded {len(loaded.examples)} examples from {data.train} (bad records skipped: {skipped}"
+                        + (f"; file truncated after {loaded.truncated_after} records" if loaded.truncated_after
+                           is not None else "") + f"; {cfg.eval.num_test} held out for the test stage)")
     held_out = cfg.eval.num_test
     if len(loaded.examples) <= data.num_validation + held_out:
         raise ValueError(f"data.num_validation={data.num_validation} and eval.num_test={held_out} leave no "
@@ -122,16 +211,18 @@ def load_instruction_splits(cfg: RunConfig, tokenizer) -> tuple[list[TokenizedEx
     rest, test = split_validation(loaded.examples, held_out, data.split_seed)
     train, valid = split_validation(rest, data.num_validation, data.split_seed)
     budgets = (data.max_prompt_tokens, data.max_length - data.max_prompt_tokens)
-    train, _ = tokenize_examples(train, tokenizer, *budgets, template=data.template)
-    valid, _ = tokenize_examples(valid, tokenizer, *budgets, template=data.template)
+    train, train_counts = tokenize_examples(train, tokenizer, *budgets, template=data.template)
+    valid, valid_counts = tokenize_examples(valid, tokenizer, *budgets, template=data.template)
+    report.add(SplitCounts.of("train", train_counts), data.max_prompt_tokens)
+    report.add(SplitCounts.of("validation", valid_counts), data.max_prompt_tokens)
     if not train or not valid:
         raise ValueError(f"data.train: {data.train} has no example whose prompt fits data.max_prompt_tokens="
                          f"{data.max_prompt_tokens} in the {'training' if not train else 'validation'} split")
     return train, valid, test
 
 
-def load_test_examples(cfg: RunConfig, tokenizer, held_out: list[InstructionExample]
-                       ) -> tuple[list[TokenizedExample], list[list[str]]]:
+def load_test_examples(cfg: RunConfig, tokenizer, held_out: list[InstructionExample],
+                       report: DataReport | None = None) -> tuple[list[TokenizedExample], list[list[str]]]:
     """The test stage's prompts, tokenised like the training data, and their references (the
     whole responses, untruncated, as ``minillm-rl eval`` scores them): ``eval.test_data`` or the
     examples held out of ``data.train``; empty when the run has no test stage."""
@@ -141,8 +232,10 @@ def load_test_examples(cfg: RunConfig, tokenizer, held_out: list[InstructionExam
                                      max_examples=eval_cfg.num_test or None).examples
     if not held_out:
         return [], []
-    examples, _ = tokenize_examples(held_out, tokenizer, data.max_prompt_tokens, eval_cfg.max_new_tokens,
-                                    template=data.template)
+    examples, counts = tokenize_examples(held_out, tokenizer, data.max_prompt_tokens, eval_cfg.max_new_tokens,
+                                         template=data.template)
+    if report is not None:
+        report.add(SplitCounts.of("test", counts), data.max_prompt_tokens)
     if not examples:
         where = eval_cfg.test_data or "the examples held out of data.train (eval.num_test)"
         raise ValueError(f"eval: {where} has no example whose prompt fits data.max_prompt_tokens="
@@ -197,30 +290,44 @@ def check_precision_supported(cfg: RunConfig) -> None:
                              f"config (ds_configs/ has each)")
 
 
-def load_run_inputs(cfg: RunConfig, world_size: int) -> RunInputs:
-    """Everything a rank reads before training; ``ValueError`` (one line) on bad input."""
+def load_run_inputs(cfg: RunConfig, world_size: int, log: Callable[[str], None] | None = None) -> RunInputs:
+    """Everything a rank reads before training; ``ValueError`` (one line) on bad input. ``log``
+    (rank 0's) gets what was loaded, skipped and dropped per split, before the share check."""
     check_world_size(cfg, world_size)
     check_precision_supported(cfg)
     tokenizer = load_tokenizers(cfg)
     teacher_signal_mode(cfg)  # refuses a 'hidden' teacher signal the teacher's config rules out
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, valid, held_out = load_instruction_splits(cfg, tokenizer)
+    report = DataReport()
+    train, valid, held_out = load_instruction_splits(cfg, tokenizer, report)
     references = [[tokenizer.decode(e.response_ids, skip_special_tokens=True).strip()] for e in valid]
-    test, test_references = load_test_examples(cfg, tokenizer, held_out)
+    test, test_references = load_test_examples(cfg, tokenizer, held_out, report)
+    if log is not None:
+        for line in report.lines:
+            log(f"data: {line}")
+    check_dropped_shares(cfg, report)
     return RunInputs(tokenizer, pad_token_id, train, valid, references, load_pretrain_blocks(cfg, tokenizer),
-                     test, test_references)
+                     test, test_references, report)
 
 
-def check_output_dir(directory: str | os.PathLike) -> None:
-    """``output.dir`` must be a directory or creatable as one. Creation is tried in the nearest
-    existing ancestor with a temporary directory that is removed at once, so the output directory
-    itself is not created here (bad input must leave nothing behind)."""
+def check_output_dir(directory: str | os.PathLike, resume: str = "none", overwrite: bool = False) -> None:
+    """``output.dir`` must be a directory or creatable as one, and must not hold a previous run
+    unless that run is resumed (``resume`` other than ``none``) or ``overwrite`` is given: a fresh
+    run would silently rewrite its metrics, checkpoints, ``best/`` and ``eval/``. Creation is tried
+    in the nearest existing ancestor with a temporary directory that is removed at once, so the
+    output directory itself is not created here (bad input must leave nothing behind)."""
     path = Path(directory).expanduser().absolute()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"output.dir: {directory} exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ValueError(f"output.dir: {directory} is not writable")
+        if resume != "none" and overwrite:
+            raise ValueError(f"--overwrite starts {directory} over, --resume {resume} continues it; give one")
+        if (path / RUN_CONFIG_FILE).is_file() and resume == "none" and not overwrite:
+            raise ValueError(f"output.dir: {directory} holds a previous run ({RUN_CONFIG_FILE}); continue it with "
+                             f"--resume auto, start it over with --overwrite (deletes its files), or choose another "
+                             f"output.dir")
         return
     ancestor = path.parent
     while not ancestor.exists():
@@ -231,7 +338,23 @@ def check_output_dir(directory: str | os.PathLike) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".minillm-rl-write-check-", dir=ancestor))
     except OSError as err:
         reason = err.strerror or str(err)
-        raise ValueError(f"output.dir: cannot create {directory} ({reason} in {ancestor})") from None
+        raise ValueError(f"output.dir: cannot create {directory} ({reason} in {ancestor}"
+                         f"{relative_to_cwd(directory)})") from None
+
+
+def clear_previous_run(directory: str | os.PathLike) -> bool:
+    """``--overwrite``: delete everything in ``directory`` when it holds a previous run, so nothing
+    of it (checkpoints a later ``--resume auto`` would pick, an ``eval/`` the report would read as
+    this run's test) outlives it. Returns whether there was one."""
+    path = Path(directory)
+    if not (path / RUN_CONFIG_FILE).is_file():
+        return False
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return True
 
 
 def check_resume_target(resume: str, checkpoint_dir: Path) -> None:
@@ -240,13 +363,14 @@ def check_resume_target(resume: str, checkpoint_dir: Path) -> None:
     resume_source(resume, checkpoint_dir, warn=lambda line: None)
 
 
-def check_run_inputs(cfg: RunConfig, resume: str, world_size: int) -> RunInputs:
+def check_run_inputs(cfg: RunConfig, resume: str, world_size: int, overwrite: bool = False,
+                     log: Callable[[str], None] | None = None) -> RunInputs:
     """Every check the CLI process can make before any rank starts (see the module docstring);
-    returns the loaded inputs (a run in this process reuses them)."""
-    check_output_dir(cfg.output.dir)
+    returns the loaded inputs (a run in this process reuses them). ``log``: see :func:`load_run_inputs`."""
+    check_output_dir(cfg.output.dir, resume, overwrite)
     check_resume_target(resume, Path(cfg.output.dir) / CHECKPOINTS_SUBDIR)
     try:
         check_model_files(cfg.model.student, cfg.model.student_gguf_file)
     except ValueError as err:
         raise ValueError(f"model.student: {err}") from None
-    return load_run_inputs(cfg, world_size)
+    return load_run_inputs(cfg, world_size, log)

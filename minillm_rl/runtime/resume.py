@@ -24,12 +24,14 @@ from minillm_rl.runtime.checkpointing import (
     best_rouge_tag,
     checkpoint_tag,
     discard_manifest,
+    parse_checkpoint_tag,
     resume_source,
     rotate_checkpoints,
     write_manifest,
 )
 from minillm_rl.runtime.learner import load_checkpoint, save_checkpoint
 from minillm_rl.runtime.run import Progress, broadcast_from_coordinator
+from minillm_rl.tracking import log_line
 
 
 class Preempted(Exception):
@@ -77,6 +79,14 @@ def resume_point(run) -> tuple[Path, str] | None:
     kind, value = broadcast_from_coordinator(answer, run.rank, run.world_size)
     if kind == "error":
         raise ValueError(value)
+    if run.is_coordinator and run.resume != "none":
+        if value is None:
+            searched = run.checkpoint_dir if run.resume == "auto" else run.resume
+            log_line(f"--resume {run.resume}: no checkpoint in {searched}; starting from the beginning")
+        else:
+            index, phase, step = parse_checkpoint_tag(value[1])
+            log_line(f"--resume {run.resume}: resuming from {value[0] / value[1]} (phase {index}, {phase}, "
+                     f"step {step})")
     return value
 
 
@@ -91,7 +101,7 @@ def restore(run, engine, start: tuple[Path, str]) -> None:
     np.random.set_state(rng["numpy"])
     if run.fleet is not None and client_state["replay"] is not None:
         run.fleet.restore_replay_counters(client_state["replay"])
-    run.last_checkpoint_total_step = run.progress.total_steps
+    run.last_checkpoint_total_step = run.resumed_at_step = run.progress.total_steps
     run.last_checkpoint = start[0] / start[1]
 
 

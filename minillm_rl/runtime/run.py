@@ -26,11 +26,14 @@ import torch.distributed as dist
 from minillm_rl.config import PHASES_USING_TEACHER, RunConfig
 from minillm_rl.errors import RunFailed
 from minillm_rl.algorithm.teacher_head import TeacherHead
-from minillm_rl.models import load_causal_lm, load_lm_head
+from minillm_rl.data.prompt_record import write_prompt_record
+from minillm_rl.models import load_causal_lm, load_lm_head, save_model_dir
 from minillm_rl.runtime.inputs import (
     CHECKPOINTS_SUBDIR,
+    RUN_CONFIG_FILE,
     RunInputs,
     check_output_dir,
+    clear_previous_run,
     load_run_inputs,
     teacher_signal_mode,
 )
@@ -42,7 +45,7 @@ from minillm_rl.runtime.learner import (
     zero3_construction,
 )
 from minillm_rl.runtime.weights import state_dict_payload
-from minillm_rl.tracking import MetricsLogger, ProgressLine
+from minillm_rl.tracking import MetricsLogger, ProgressLine, log_line
 
 
 @dataclass
@@ -89,15 +92,18 @@ def broadcast_from_coordinator(obj: Any, rank: int, world_size: int) -> Any:
 class TrainingRun:
     """State shared by the phases of one run on one rank (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, resume: str, inputs: RunInputs | None = None):
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, resume: str, inputs: RunInputs | None = None,
+                 overwrite: bool = False):
         self.cfg, self.rank, self.world_size, self.resume = cfg, rank, world_size, resume
         self.is_coordinator = rank == 0
         self.out = Path(cfg.output.dir)
         self.checkpoint_dir = self.out / CHECKPOINTS_SUBDIR
         self.progress = Progress()
         if self.is_coordinator:
-            check_output_dir(cfg.output.dir)
-        self.inputs = inputs if inputs is not None else load_run_inputs(cfg, world_size)
+            check_output_dir(cfg.output.dir, resume, overwrite)
+        self.inputs = inputs if inputs is not None else load_run_inputs(
+            cfg, world_size, log_line if self.is_coordinator else None)
+        self.resumed_at_step: int | None = None  # total optimizer steps of the checkpoint resumed from
         # The same on every rank (a function of the config and the teacher's config).
         self.teacher_dist = teacher_signal_mode(cfg)
         self._teacher_head: TeacherHead | None = None
@@ -111,8 +117,10 @@ class TrainingRun:
             # Loaded before the first write: a student path without weights is bad input too.
             self.eval_model = load_causal_lm(cfg.model.student, dtype=getattr(torch, cfg.model.dtype),
                                              gguf_file=cfg.model.student_gguf_file)
+            if overwrite and clear_previous_run(self.out):
+                log_line(f"--overwrite: deleted the previous run in {self.out}")
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.yaml")
+            cfg.save(self.out / RUN_CONFIG_FILE)
             self.metrics = MetricsLogger(self.out, cfg.output.report_to, run_name=self.out.name,
                                          config=cfg.to_dict())
             if any(phase in PHASES_USING_TEACHER for phase in cfg.train.phases):
@@ -188,6 +196,13 @@ class TrainingRun:
                   f"{engine.zero_optimization_stage()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.1f}M "
                   f"parameters from {init}", flush=True)
         return engine
+
+    def save_model(self, name: str) -> Path:
+        """Rank 0: ``eval_model`` (the last export) as the HF directory ``output.dir/name``, with the
+        prompt format it was trained with (:mod:`~minillm_rl.data.prompt_record`)."""
+        model_dir = save_model_dir(self.eval_model, self.tokenizer, self.out / name)
+        write_prompt_record(model_dir, self.cfg.data.template, self.cfg.data.max_prompt_tokens)
+        return model_dir
 
     def export(self, engine) -> None:
         """Gather the student (collective) into rank 0's ``eval_model`` at the current version."""

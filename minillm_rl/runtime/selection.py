@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from minillm_rl.config import PHASES_USING_TEACHER
 from minillm_rl.evaluation.protocol import EvalConfig, evaluate, generate_responses
-from minillm_rl.models import save_model_dir
 from minillm_rl.runtime.rounds import derived_seed, split_evenly
 from minillm_rl.tracking import atomic_write_json, log_line
 
@@ -129,7 +128,7 @@ def select(run, engine, validation_loss: float | None = None) -> dict[str, float
         if phase == "sft" and validation_loss < progress.best_validation_loss:
             progress.best_validation_loss, progress.best_validation_loss_step = validation_loss, step
             if run.is_coordinator:
-                save_model_dir(run.eval_model, run.tokenizer, run.out / "sft_best_loss")
+                run.save_model("sft_best_loss")
     score = validation_rouge(run, engine)
     if run.is_coordinator:
         record["validation_rouge_l"] = score
@@ -138,7 +137,7 @@ def select(run, engine, validation_loss: float | None = None) -> dict[str, float
         if improved:
             progress.best_rouge[phase] = {"step": step, "validation_rouge_l": score}
             if progress.phase_index == len(run.cfg.train.phases) - 1:
-                save_model_dir(run.eval_model, run.tokenizer, run.out / "best")
+                run.save_model("best")
                 write_best_json(run)
         record["time/eval"] = time.perf_counter() - started
         run.metrics.log(phase, step, record)

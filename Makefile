@@ -114,8 +114,8 @@ bench-runtime: install-demo
 # min: each finished unit writes its result file under bench/results/quality/SIZE/ (commit them);
 # a re-run runs only the missing ones. BUDGET_MINUTES=N (when given): starts no unit whose measured
 # cost exceeds the minutes left. SIZE=gpu: the same comparison sized for one large GPU. Checkpoints
-# and data: $MINILLM_RL_CACHE/bench_quality/SIZE. bench-report: the tables (docs/benchmarks-results.md
-# and its PNGs) from the committed result files alone.
+# and data: $MINILLM_RL_CACHE/bench_quality/SIZE. bench-report: the tables
+# (docs/results/bench-quality.md and its PNGs) from the committed result files alone.
 TABLE ?= main
 SIZE ?= cpu
 bench-quality: install-demo

@@ -47,7 +47,6 @@ files alone.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -63,7 +62,7 @@ from minillm_rl.config import RunConfig, load_config  # noqa: E402
 from minillm_rl.data import load_instructions, split_validation  # noqa: E402
 from minillm_rl.data.prepared import MANIFEST_NAME, PrepareSettings, prepare_dataset, read_manifest  # noqa: E402
 from minillm_rl.tracking import atomic_write_text, log_line  # noqa: E402
-from quality_units import RECIPE, Evaluator, build_units, run_status  # noqa: E402
+from quality_units import RECIPE, Evaluator, build_units, plan_settings, run_status, student_identity  # noqa: E402
 from units import run_units  # noqa: E402
 
 MINILLM = ("train.phases=[minillm]",)
@@ -284,21 +283,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     size = SIZES[args.size]
-    pick = lambda given, default: default if given is None else given  # noqa: E731
+    for name in ("num_examples", "num_test", "epochs", "sft_epochs", "test_seeds"):  # the size's unless given
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(size, name))
 
     if args.teacher is None or args.student is None:
         from minillm_rl.healing import healed_smollm2_student
 
-        select = {"select": size.select} if "select" in inspect.signature(healed_smollm2_student).parameters else {}
-        teacher, student = map(str, healed_smollm2_student(cache_dir(), size.layers, size.heal_tokens, **select))
+        teacher, student = map(str, healed_smollm2_student(cache_dir(), size.layers, size.heal_tokens, size.select))
         args.teacher, args.student = args.teacher or teacher, args.student or student
     args.out = (args.out or cache_dir() / "bench_quality" / args.size).resolve()
     args.results = args.results.resolve()
     sets = [*size.overrides, *args.set]
     base = load_config(str(RECIPE), [*sets, f"model.teacher={args.teacher}", f"model.student={args.student}",
                                      "data.train=unused"])
-    prepared, test = prepare_data(args.out, args.data, pick(args.num_examples, size.num_examples),
-                                  pick(args.num_test, size.num_test), base, args.student)
+    prepared, test = prepare_data(args.out, args.data, args.num_examples, args.num_test, base, args.student)
     if args.pt_corpus is None and args.data == "sharegpt":
         from minillm_rl.models import load_tokenizer
 
@@ -311,19 +310,19 @@ def main(argv: list[str] | None = None) -> None:
         """The common settings, plus the PT corpus for MiniLLM runs (the term is MiniLLM's)."""
         return [*common, *(pt if run.overrides[0] == MINILLM[0] else ()), *run.overrides]
 
-    epochs, sft_epochs = pick(args.epochs, size.epochs), pick(args.sft_epochs, size.sft_epochs)
-    runs = plan_runs(args.out, base, num_train, args.seeds, epochs, sft_epochs, args.methods, args.table)
+    runs = plan_runs(args.out, base, num_train, args.seeds, args.epochs, args.sft_epochs, args.methods, args.table)
     for run in runs:
         sequences = sum(budget_sequences(load_config(str(RECIPE), run_args(part)), num_train)
                         for part in (run, run.init) if part is not None)
         print(f"{run.name:<56} {run.run_dir.name:<34} {run_status(run.run_dir):<6} {sequences} sequences  "
               f"{' '.join(run.overrides[:-1])}", flush=True)
-    evaluate = Evaluator(args.teacher, test, base, tuple(pick(args.test_seeds, size.test_seeds)))
-    units = build_units(args, size, runs, run_args, evaluate, args.out / "logs")
+    evaluate = Evaluator(args.teacher, test, base, tuple(args.test_seeds))
+    settings = plan_settings(args, args.size, sets, evaluate.seeds, student_identity(args.student))
+    units = build_units(args, size, runs, run_args, evaluate, args.out / "logs", settings)
     try:
         summary = run_units(units, args.budget_minutes, dry_run=args.dry_run,
                             log=lambda line: print(f"bench-quality: {line}", flush=True))
-    except ValueError as err:  # a corrupt result file: one line, nothing run
+    except ValueError as err:  # a corrupt result file, or one of other settings: one line, nothing run
         print(f"bench-quality: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if summary.remaining:

@@ -1,7 +1,7 @@
 """The benchmark tables from the committed unit result files alone (``make bench-report``).
 
 Reads ``<results>/quality/<size>/...`` (written by ``bench/bench_quality.py``, one file per unit)
-and writes ``docs/benchmarks-results.md`` (``--out``) plus, per (size, table), a PNG of the headline
+and writes ``docs/results/bench-quality.md`` (``--out``) plus, per (size, table), a PNG of the headline
 metrics (``bench-quality-<size>-<table>.png``: each row's mean and 95 % interval over prompts, and
 each training seed's mean) and of the training curves of each method's first seed
 (``...-curves.png``), next to it. No checkpoint or model is read.
@@ -13,7 +13,7 @@ ablation table: against MiniLLM). The bootstrap seed is fixed, so the same resul
 byte-identical output. Every row says how many training seeds (and which) it holds. A result file
 that cannot be read is one error line, exit 2, nothing written.
 
-    python bench/bench_report.py [--results bench/results] [--out docs/benchmarks-results.md]
+    python bench/bench_report.py [--results bench/results] [--out docs/results/bench-quality.md]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def build(results: Path, out: Path, plots: Path) -> tuple[str, list]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-results.md")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "bench-quality.md")
     parser.add_argument("--plots", type=Path, default=None, help="where the PNGs go (default: next to --out)")
     args = parser.parse_args(argv)
     plots = args.plots or args.out.parent

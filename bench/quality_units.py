@@ -138,9 +138,30 @@ class Evaluator:
         return test_payload(out_dir)
 
 
-def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Evaluator, logs: Path) -> list[Unit]:
+def plan_settings(args, size_name: str, sets: list[str], test_seeds: tuple[int, ...], student: dict | None) -> dict:
+    """What every unit's result depends on besides its own method and seed, without machine-specific
+    paths: the size, data, budget, test seeds, ``--set`` overrides (``runtime.*`` aside: where and how
+    the work runs, not what it computes), PT corpus, and the models (the student by its weights)."""
+    weights = (student or {}).get("weights")
+    return {"size": size_name, "data": args.data if args.data == "sharegpt" else Path(args.data).name,
+            "num_examples": args.num_examples, "num_test": args.num_test, "epochs": args.epochs,
+            "sft_epochs": args.sft_epochs, "test_seeds": list(test_seeds),
+            "sets": [item for item in sets if not item.startswith("runtime.")],
+            "pt_corpus": None if args.pt_corpus is None else Path(args.pt_corpus).name,
+            "teacher": Path(args.teacher).name,
+            "student": {name: entry["sha256"] for name, entry in weights.items()} if weights else Path(args.student).name}
+
+
+def portable_overrides(overrides) -> list[str]:
+    """A run's own overrides without its paths (its output directory, the SFT init it starts from)."""
+    return [item for item in overrides if not item.startswith(("output.dir=", "model.student="))]
+
+
+def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Evaluator, logs: Path,
+                settings: dict) -> list[Unit]:
     """The teacher's test units (one per test seed), then the runs' units seed by seed (seed 1 of every
-    method first, each SFT init before the MiniLLM variants that start from it)."""
+    method first, each SFT init before the MiniLLM variants that start from it). ``settings``:
+    :func:`plan_settings`, recorded in (and checked against) every result file."""
     results, test_seeds = args.results, evaluate.seeds
     student = student_identity(args.student)
     teacher_units = [result_path(results, args.size, "teacher", seed) for seed in test_seeds]
@@ -172,8 +193,10 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
             return payload
         return work
 
+    teacher_settings = {key: settings[key] for key in ("size", "data", "num_examples", "num_test", "sets", "teacher")}
     units = [Unit(f"teacher/test-seed{seed}", unit_kind(args.size, "teacher-test"), path, teacher_work(seed),
-                  size.estimate_minutes.get("teacher-test", 10)) for seed, path in zip(test_seeds, teacher_units)]
+                  size.estimate_minutes.get("teacher-test", 10), settings={**teacher_settings, "test_seed": seed})
+             for seed, path in zip(test_seeds, teacher_units)]
     by_seed = sorted(runs, key=lambda run: run.seed)  # stable: each init stays before its variants
     for run in by_seed:
         path, kind = result_path(results, args.size, run.prefix, run.seed), unit_kind(args.size, run.prefix)
@@ -187,7 +210,8 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
                 not (run.run_dir / "sft_best_loss").is_dir() and any(
                     not result_path(results, args.size, v.prefix, v.seed).is_file() for v in variants)))
         units.append(Unit(f"{run.prefix}/seed{run.seed}", kind, path, run_work(run),
-                          size.estimate_minutes.get(kind.split("/")[1], 30), needs, pending))
+                          size.estimate_minutes.get(kind.split("/")[1], 30), needs, pending,
+                          {**settings, "method": run.name, "seed": run.seed, "overrides": portable_overrides(run.overrides)}))
     return units
 
 

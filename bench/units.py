@@ -38,6 +38,7 @@ from minillm_rl.tracking import atomic_write_json
 RESULT_FORMAT = "minillm-rl bench unit"
 RESULT_VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
+UNIT_MINUTES = 40  # what a unit is sized for: an interrupted session loses at most this much work
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Unit:
     does the work and returns the payload (JSON-ready); ``needs``: names of units that must be done
     first; ``pending()``: whether it must run (default: its result file is missing) — a unit whose
     product other pending units need, and that product is gone, may say yes with a result there.
+    ``settings``: what makes its result what it is (JSON-ready, no machine-specific paths); written
+    into the result file, and an existing result with other settings is refused, not reused.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Unit:
     estimate_minutes: float
     needs: tuple[str, ...] = ()
     pending: Callable[[], bool] | None = None
+    settings: dict[str, Any] | None = None
 
     def is_pending(self) -> bool:
         return self.pending() if self.pending is not None else not self.result_path.is_file()
@@ -82,6 +86,22 @@ def read_result(path: Path) -> dict[str, Any] | None:
     if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not wall >= 0:
         raise ValueError(f"{path}: provenance.wall_seconds is {wall!r}; expected a number of seconds >= 0")
     return payload
+
+
+def check_settings(unit: Unit, result: dict[str, Any]) -> None:
+    """Refuse (one-line ``ValueError``) ``unit``'s existing ``result`` when it was made with other
+    settings than the unit's: mixing them in one table would compare unlike things."""
+    if unit.settings is None:
+        return
+    recorded = json.loads(json.dumps(result.get("settings")))
+    planned = json.loads(json.dumps(unit.settings))  # as a result file holds them (tuples as lists)
+    if recorded == planned:
+        return
+    recorded = recorded if isinstance(recorded, dict) else {}
+    key = next(key for key in sorted({*recorded, *planned}) if recorded.get(key) != planned.get(key))
+    raise ValueError(f"{unit.result_path}: made with {key}={recorded.get(key)!r}, this plan has "
+                     f"{planned.get(key)!r}; delete it to re-run the unit with this plan, or write this plan's "
+                     "results elsewhere (--results)")
 
 
 def _git(*args: str) -> str:
@@ -126,10 +146,11 @@ def write_result(unit: Unit, payload: dict[str, Any], wall_seconds: float, start
                  git: dict[str, Any]) -> dict[str, Any]:
     """Write ``unit``'s result file atomically: ``payload`` plus the format and the provenance.
     ``git``: :func:`git_state` when the unit started (the code that ran). Returns what was written."""
-    reserved = {"format", "version", "unit", "kind", "provenance"} & set(payload)
+    reserved = {"format", "version", "unit", "kind", "settings", "provenance"} & set(payload)
     if reserved:
         raise ValueError(f"unit {unit.name}: its payload uses the reserved keys {sorted(reserved)}")
-    record = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "unit": unit.name, "kind": unit.kind, **payload,
+    record = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "unit": unit.name, "kind": unit.kind,
+              **({} if unit.settings is None else {"settings": unit.settings}), **payload,
               "provenance": {**git, "wall_seconds": round(wall_seconds, 1),
                              "started_utc": started.isoformat(timespec="seconds"), "machine": machine()}}
     atomic_write_json(unit.result_path, record)
@@ -137,11 +158,13 @@ def write_result(unit: Unit, payload: dict[str, Any], wall_seconds: float, start
 
 
 def measured_minutes(units: Sequence[Unit]) -> dict[str, float]:
-    """``{kind: minutes}``: the longest wall time among the existing result files of each kind."""
+    """``{kind: minutes}``: the longest wall time among the existing result files of each kind
+    (each checked: :func:`read_result`, :func:`check_settings`)."""
     longest: dict[str, float] = {}
     for unit in units:
         result = read_result(unit.result_path)
         if result is not None:
+            check_settings(unit, result)
             minutes = result["provenance"]["wall_seconds"] / 60
             longest[unit.kind] = max(longest.get(unit.kind, 0.0), minutes)
     return longest
@@ -170,9 +193,10 @@ class Summary:
 def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_run: bool = False,
               clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print) -> Summary:
     """Run the pending ``units`` in order (see the module docstring); ``dry_run``: say what would
-    be started, start nothing. Every existing result file is read first, so a corrupt one stops
-    the run before any work (``ValueError``). A unit that raises stops the run (its result file is
-    not written; the units before it keep theirs)."""
+    be started, start nothing. Every existing result file is read first, so a corrupt one, or one
+    made with other settings, stops the run before any work (``ValueError``). A unit that raises
+    stops the run (its result file is not written; the units before it keep theirs). A unit over
+    :data:`UNIT_MINUTES` is reported as such (cut it smaller)."""
     names = {unit.name for unit in units}
     for unit in units:
         unknown = set(unit.needs) - names
@@ -215,6 +239,7 @@ def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_ru
         minutes[unit.kind] = max(minutes.get(unit.kind, 0.0), wall / 60)
         summary.done.append(unit.name)
         available.add(unit.name)
-        log(f"{where}: done in {wall / 60:.1f} min -> {unit.result_path}")
+        log(f"{where}: done in {wall / 60:.1f} min -> {unit.result_path}"
+            + (f" (over the {UNIT_MINUTES}-minute unit size)" if wall > 60 * UNIT_MINUTES else ""))
     log(summary.line())
     return summary

@@ -170,6 +170,22 @@ def test_budget_starts_no_unit_whose_measured_cost_exceeds_what_is_left(tmp_path
     assert calls == ["eval-a", "train-b", "eval-b", "after-b"]
 
 
+def test_a_result_of_other_settings_is_refused_not_reused(tmp_path):
+    clock, calls = [0.0], []
+    plan = [_unit(tmp_path, "a", "k", 1, calls, clock), _unit(tmp_path, "b", "k", 1, calls, clock)]
+    for unit in plan:
+        unit.settings = {"epochs": 3, "sets": ["sampling.alpha=0.2"]}
+    units.run_units(plan[:1], clock=lambda: clock[0], log=lambda line: None)
+    assert units.read_result(tmp_path / "a.json")["settings"] == {"epochs": 3, "sets": ["sampling.alpha=0.2"]}
+    units.run_units(plan[:1], clock=lambda: clock[0], log=lambda line: None)  # same settings: reused
+    assert calls == ["a"]
+    plan[0].settings = {"epochs": 3, "sets": ["sampling.alpha=0.5"]}
+    with pytest.raises(ValueError, match=r"a\.json: made with sets=\['sampling.alpha=0.2'\], this plan has "
+                                         r"\['sampling.alpha=0.5'\]"):
+        units.run_units(plan, clock=lambda: clock[0], log=lambda line: None)
+    assert calls == ["a"]  # b did not start either
+
+
 def test_a_corrupt_result_file_stops_the_run_before_any_work(tmp_path):
     clock, calls = [0.0], []
     plan = [_unit(tmp_path, "a", "k", 1, calls, clock), _unit(tmp_path, "b", "k", 1, calls, clock)]
@@ -188,12 +204,19 @@ def test_plan_of_units_runs_seed_by_seed_and_retrains_an_init_whose_checkpoint_i
     args = argparse.Namespace(results=tmp_path / "results", size="cpu", student=str(tmp_path), teacher="t",
                               out=tmp_path / "work")
     evaluate = argparse.Namespace(seeds=(10, 20))
-    plan = quality_units.build_units(args, bench_quality.SIZES["cpu"], runs, lambda run: [], evaluate, tmp_path)
+    plan = quality_units.build_units(args, bench_quality.SIZES["cpu"], runs, lambda run: [], evaluate, tmp_path,
+                                     {"size": "cpu", "data": "d", "num_examples": 1, "num_test": 1, "sets": [],
+                                      "teacher": "t"})
     names = [unit.name for unit in plan]
     assert names == ["teacher/test-seed10", "teacher/test-seed20", "sft/seed1", "kd/seed1", "seqkd/seed1",
                      "sft-init/seed1", "minillm/seed1", "sft/seed2", "kd/seed2", "seqkd/seed2", "sft-init/seed2",
                      "minillm/seed2"]
     by_name = {unit.name: unit for unit in plan}
+    # Each result records what it depends on, without the machine's paths.
+    assert by_name["minillm/seed2"].settings["overrides"] == ["train.phases=[minillm]",
+                                                              f"train.total_steps={runs[-1].overrides[2].split('=')[1]}",
+                                                              "train.seed=2"]
+    assert by_name["teacher/test-seed20"].settings["test_seed"] == 20
     assert by_name["minillm/seed1"].needs == ("teacher/test-seed10", "teacher/test-seed20", "sft-init/seed1")
     assert by_name["minillm/seed1"].kind == by_name["minillm/seed2"].kind == "quality-cpu/minillm"
     init = by_name["sft-init/seed1"]

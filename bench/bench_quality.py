@@ -81,7 +81,8 @@ METHODS = (
      (*MINILLM, "loss.single_step=false"), ("ablations",)),
 )
 TABLES = ("main", "ablations")
-# The SFT run a seed's MiniLLM variants start from: trained, never evaluated or reported itself.
+# The SFT run a seed's MiniLLM variants start from (``--sft-epochs`` of SFT, checkpoint of the best
+# validation loss): tested as a reference row (what the MiniLLM phase started from), not a method.
 SFT_INIT = "SFT init"
 
 
@@ -136,6 +137,7 @@ class PlannedRun:
 
     @property
     def reported(self) -> bool:
+        """A method of the table (at the full budget), not an SFT init."""
         return self.name != SFT_INIT
 
 

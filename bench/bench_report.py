@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
-from bench_quality import METHODS, TABLES  # noqa: E402
+from bench_quality import METHODS, SFT_INIT, TABLES  # noqa: E402
 from minillm_rl.evaluation.protocol import METRICS, markdown_table  # noqa: E402
 from minillm_rl.evaluation.report import (  # noqa: E402
     ModelScores,
@@ -86,18 +86,21 @@ def _scores(label: str, path: Path, unit: str) -> tuple[ModelScores, dict]:
         raise ValueError(f"{path}: no 'test' object; expected a unit with its test evaluation")
     per_seed, exact = _eval_scores(result["test"], path)
     keys, per_prompt = _per_prompt_values(result["test"], path)
-    best = (result.get("training") or {}).get("best") or {}
-    return ModelScores(label, str(path), "", per_seed, exact, best.get("validation_rouge_l"), best.get("step"),
-                       keys, per_prompt), result
+    # best.json's step and validation Rouge-L describe the tested checkpoint only when it is best/.
+    best = (result.get("training") or {}).get("best") or {} if result.get("tested_checkpoint") == "best" else {}
+    return ModelScores(label, str(path), test_rouge_l_per_seed=per_seed, exact_match=exact,
+                       best_validation_rouge_l=best.get("validation_rouge_l"), best_step=best.get("step"),
+                       prompt_keys=keys, per_prompt=per_prompt), result
 
 
 def read_rows(size_dir: Path, table: str) -> list[Row]:
-    """The teacher's row and one row per method of ``table`` with at least one result file."""
+    """The teacher's row, the SFT init's (MiniLLM's start; both tables), and one row per method of
+    ``table``, each with at least one result file."""
     rows = []
     teacher = _result_files(size_dir / TEACHER, "test-seed")
     if teacher:
         rows.append(Row(TEACHER, [], [_scores(TEACHER, path, f"{TEACHER}/{path.stem}")[0] for _, path in teacher]))
-    for name, prefix, _, tables in METHODS:
+    for name, prefix, _, tables in ((SFT_INIT, "sft-init", (), TABLES), *METHODS):
         files = _result_files(size_dir / prefix, "seed")
         if table not in tables or not files:
             continue

@@ -182,15 +182,20 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
 
     def run_work(run: PlannedRun):
         def work() -> dict:
+            from minillm_rl.student_manifest import weight_checksums
+
             started_from = run_status(run.run_dir)
             train(run, run_args(run), logs / f"{run.run_dir.name}.log")
-            payload = {"method": run.name, "seed": run.seed, "size": args.size, "started_from": started_from,
-                       "overrides": list(run_args(run)), "student": student,
-                       "init": None if run.init is None else f"sft-init/seed{run.seed}",
-                       "training": training_payload(run.run_dir)}
-            if run.reported:
-                payload["test"] = evaluate(run.run_dir / "best", run.run_dir / "eval", teacher_samples())
-            return payload
+            # A method's test is of its selected checkpoint; an SFT init's of the weights MiniLLM starts from.
+            tested = run.run_dir / ("best" if run.reported else "sft_best_loss")
+            start = None if run.init is None else run.init.run_dir / "sft_best_loss"
+            return {"method": run.name, "seed": run.seed, "size": args.size, "started_from": started_from,
+                    "overrides": list(run_args(run)), "student": student,
+                    "init": None if start is None else {"unit": f"sft-init/seed{run.seed}",
+                                                        "weights": weight_checksums(start)},
+                    "training": training_payload(run.run_dir), "tested_checkpoint": tested.name,
+                    "test": evaluate(tested, run.run_dir / ("eval" if run.reported else "eval-init"),
+                                     teacher_samples())}
         return work
 
     teacher_settings = {key: settings[key] for key in ("size", "data", "num_examples", "num_test", "sets", "teacher")}
@@ -200,8 +205,7 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
     by_seed = sorted(runs, key=lambda run: run.seed)  # stable: each init stays before its variants
     for run in by_seed:
         path, kind = result_path(results, args.size, run.prefix, run.seed), unit_kind(args.size, run.prefix)
-        needs = tuple(unit.name for unit in units[:len(test_seeds)]) if run.reported else ()
-        pending = None
+        needs, pending = tuple(unit.name for unit in units[:len(test_seeds)]), None
         if run.init is not None:
             needs += (f"sft-init/seed{run.seed}",)
         if not run.reported:  # an init whose checkpoint is gone is trained again while a variant needs it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -54,12 +55,13 @@ def write_synthetic_results(root: Path, seeds_by_prefix: dict[str, list[int]]) -
     for seed in (10, 20):
         _write(size_dir / "teacher" / f"test-seed{seed}.json", {"test": _test(rng, 0.0, [seed])},
                f"teacher/test-seed{seed}")
-    offsets = {"sft": 2.0, "kd": 1.8, "minillm": 1.5, "minillm-alpha0": 1.7}
+    offsets = {"sft": 2.0, "kd": 1.8, "minillm": 1.5, "minillm-alpha0": 1.7, "sft-init": 2.1}
     for prefix, seeds in seeds_by_prefix.items():
         for seed in seeds:
             curves = {"minillm": {CURVE_PANELS[1][1]: [[step, 2.0 - 0.1 * step] for step in range(5)]}}
             _write(size_dir / prefix / f"seed{seed}.json",
                    {"test": _test(rng, offsets[prefix], [10, 20]),
+                    "tested_checkpoint": "sft_best_loss" if prefix == "sft-init" else "best",
                     "training": {"best": {"validation_rouge_l": 10.0 + seed, "step": 4 * seed}, "curves": curves}},
                    f"{prefix}/seed{seed}")
     return size_dir
@@ -82,7 +84,7 @@ def _cell(text: str, section: str, metric: str, column: str) -> str:
 def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     results = tmp_path / "results"
     size_dir = write_synthetic_results(results, {"sft": [1, 2], "kd": [1], "minillm": [1, 2, 3],
-                                                 "minillm-alpha0": [2]})
+                                                 "minillm-alpha0": [2], "sft-init": [1, 2, 3]})
     first = _report(results, tmp_path / "a" / "results.md")
     second = _report(results, tmp_path / "b" / "results.md")
     assert first == second  # same files -> byte-identical tables and plots
@@ -91,6 +93,9 @@ def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     # Every row says how many training seeds it holds, and which.
     assert "| SFT (2 seeds) | 2 (1, 2) |" in first and "| KD (1 seed) | 1 (1) |" in first
     assert "| MiniLLM (3 seeds) | 3 (1, 2, 3) |" in first
+    # MiniLLM's start, the SFT init, is a reference row of both tables (its best.json is not its checkpoint's).
+    assert first.count("| SFT init (3 seeds) | 3 (1, 2, 3) |") == 2
+    assert re.search(r"\| SFT init \(3 seeds\) \| 3 \(1, 2, 3\) \| [^|]+ \| [^|]+ \| 3 × 2 \|  \|  \|", first)
     assert "MiniLLM w/o teacher-mixed sampling (1 seed)" in first.split("ablations table")[1]
     assert "KD (" not in first.split("ablations table")[1]  # the main table's methods only there
 

@@ -372,7 +372,7 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
             "--num-test", "4", "--seeds", "1", "--test-seeds", "1", "--epochs", "2", "--sft-epochs", "1",
             "--methods", "SFT", "MiniLLM", *tiny]
     bench.main([*args, "--budget-minutes", "1"])  # the size's stated estimates are all longer
-    assert "0 done now, 0 already done, 2 skipped for budget, 2 blocked by those" in capsys.readouterr().out
+    assert "0 done now, 0 already done, 1 skipped for budget, 3 blocked by those" in capsys.readouterr().out
     assert not results.exists() and not (out / "runs").exists()
     bench.main(args)
     size_dir = results / "quality" / "gpu"
@@ -383,7 +383,7 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
     assert config["model"]["dtype"] == "bfloat16" and config["runtime"]["deepspeed_config"].endswith("zero2_bf16.json")
     assert config["data"]["pretrain_corpus"] == [str(assets["corpus"])] and config["eval"]["validation"] == "test"
     assert config["model"]["student"] == str(out / "runs" / "sft-init-seed1" / "sft_best_loss")
-    assert minillm["unit"] == "minillm/seed1" and minillm["init"] == "sft-init/seed1" and minillm["seed"] == 1
+    assert minillm["unit"] == "minillm/seed1" and minillm["seed"] == 1
     assert minillm["provenance"]["wall_seconds"] > 0 and minillm["provenance"]["machine"]["cpu_cores"] >= 1
     test = minillm["test"]
     assert {"reverse_kl", "teacher_nll", "student_nll_teacher"} <= set(test["metrics"])
@@ -392,7 +392,12 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
     sft = json.loads((size_dir / "sft" / "seed1.json").read_text())
     assert sft["training"]["config"]["data"]["pretrain_corpus"] == [] and sft["test"]["prompt_keys"] == test["prompt_keys"]
     init = json.loads((size_dir / "sft-init" / "seed1.json").read_text())
-    assert "test" not in init and init["training"]["config"]["sft"]["num_epochs"] == 1
+    assert init["training"]["config"]["sft"]["num_epochs"] == 1 and init["tested_checkpoint"] == "sft_best_loss"
+    assert init["test"]["prompt_keys"] == test["prompt_keys"] and minillm["tested_checkpoint"] == "best"
+    # The MiniLLM run records the weights it started from: the SFT init's tested checkpoint.
+    from minillm_rl.student_manifest import weight_checksums
+    assert minillm["init"] == {"unit": "sft-init/seed1",
+                               "weights": weight_checksums(out / "runs" / "sft-init-seed1" / "sft_best_loss")}
     teacher = json.loads((size_dir / "teacher" / "test-seed1.json").read_text())
     assert len(teacher["teacher_answer_ids"]) == 4  # the answers every student was judged against
     assert all(abs(value) < 1e-3 for value in teacher["test"]["per_prompt"]["reverse_kl"])  # judged by itself
@@ -412,7 +417,7 @@ def test_bench_quality_gpu_size_runs_end_to_end_at_tiny_size(tmp_path, shared_ra
     assert bench_report.main(["--results", str(results), "--out", str(doc)]) == 0
     report = doc.read_text()
     assert "### Paired differences against SFT (1 seed)" in report and "MiniLLM (1 seed) − SFT (1 seed)" in report
-    assert "| MiniLLM (1 seed) | 1 (1) |" in report and (tmp_path / "docs" / "bench-quality-gpu-main.png").is_file()
+    assert "| MiniLLM (1 seed) | 1 (1) |" in report and "| SFT init (1 seed) | 1 (1) |" in report and (tmp_path / "docs" / "bench-quality-gpu-main.png").is_file()
 
 
 def test_the_table_says_which_checkpoint_each_train_run_is_and_what_minillm_started_from(tmp_path):

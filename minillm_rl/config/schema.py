@@ -185,8 +185,9 @@ class TrainConfig:
     optimizer steps on them; the phase ends after ``total_steps`` optimizer steps (whole rounds, so
     the last round may pass it) or ``max_prompt_epochs`` passes over the prompts, whichever is first."""
 
-    phases: list[Phase] = option(doc="phases run in this order; a minillm or kd phase after sft starts from "
-                                     "the lowest-validation-loss SFT weights (sft_best_loss/)",
+    phases: list[Phase] = option(doc="phases run in this order; a minillm phase after sft starts from the "
+                                     "lowest-validation-loss SFT weights (sft_best_loss/), every other phase "
+                                     "from model.student",
                                  factory=lambda: ["sft", "minillm"])
     num_rollouts: int = option(256, "responses sampled per round, over all learner ranks together", low=1)
     ppo_epochs: int = option(4, "passes over a round's responses", low=1)
@@ -222,7 +223,8 @@ class EvalConfig:
     test_split: str = option("test", "split of eval.test_data when it is a `datasets` source")
     compare: list[Literal["teacher", "sft"]] = option(
         doc="models evaluated beside best/ in the test stage: the teacher; 'sft' = the lowest-validation-loss "
-            "SFT weights that the next phase started from (sft_best_loss/)", factory=lambda: ["teacher", "sft"])
+            "SFT weights (sft_best_loss/), what a minillm phase after sft starts from",
+        factory=lambda: ["teacher", "sft"])
     side_by_side: int = option(5, "test prompts shown with every model's answer in results.md", low=0)
 
 

@@ -150,9 +150,7 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
     if (run_dir / "best").is_dir():
         scores.checkpoint = str(run_dir / "best")
     scores.phases = list(phases)
-    # A phase after SFT starts from the lowest-validation-loss SFT weights (runtime/run.py), not from
-    # the SFT phase's best Rouge-L.
-    scores.started_from = str(run_dir / "sft_best_loss") if len(phases) > 1 and phases[0] == "sft" else \
+    scores.started_from = str(run_dir / "sft_best_loss") if _starts_from_sft(phases) else \
         str((config.get("model") or {}).get("student", ""))
     best = run_dir / "best.json"
     if best.is_file():
@@ -170,6 +168,13 @@ def _train_run(run_dir: Path, name: str | None) -> ModelScores:
     return scores
 
 
+def _starts_from_sft(phases: list[str]) -> bool:
+    """A minillm phase after an sft phase starts from the lowest-validation-loss SFT weights
+    (``sft_best_loss/``, ``TrainingRun.build_phase_engine``), not from the SFT phase's best Rouge-L;
+    every other phase starts from ``model.student``."""
+    return phases[-1] == "minillm" and "sft" in phases[:-1]
+
+
 def checkpoint_notes(models: Sequence[ModelScores]) -> list[str]:
     """What each train run's row is (``best/``: the best validation Rouge-L of its last phase) and
     what that phase started from; plus a warning when an SFT run's row is compared with a later
@@ -182,7 +187,7 @@ def checkpoint_notes(models: Sequence[ModelScores]) -> list[str]:
         notes.append(f"{model.name} ({model.run_dir}): best/ = the best validation Rouge-L of its {model.phases[-1]} "
                      f"phase{start}")
     sft_rows = [model.name for model in models if model.phases == ["sft"]]
-    after_sft = [model.name for model in models if len(model.phases) > 1 and model.phases[0] == "sft"]
+    after_sft = [model.name for model in models if model.phases and _starts_from_sft(model.phases)]
     if sft_rows and after_sft:
         notes.append(f"the {', '.join(sft_rows)} row is not the model {', '.join(after_sft)} started from (the "
                      "lowest-validation-loss SFT weights, sft_best_loss/): for that baseline, report the SFT init its "

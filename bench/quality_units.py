@@ -54,8 +54,10 @@ def train(run: PlannedRun, overrides: list[str], log: Path) -> None:
     """Train (or finish) ``run`` with ``overrides``; a preempted run (exit 3) is resumed until it finishes."""
     while (status := run_status(run.run_dir)) != "done":
         resume = "auto" if status == "resume" else "none"
+        # An attempt stopped before its first checkpoint left a run directory that a fresh run must replace.
+        restart = ["--overwrite"] if status == "fresh" and (run.run_dir / "config.yaml").is_file() else []
         log_line(f"train {run.run_dir.name} ({'resuming' if resume == 'auto' else 'fresh'}); log {log}")
-        code = _cli("train", "--config", str(RECIPE), *overrides, "--resume", resume, log=log)
+        code = _cli("train", "--config", str(RECIPE), *overrides, "--resume", resume, *restart, log=log)
         if code not in (0, EXIT_PREEMPTED):
             raise SystemExit(f"bench-quality: training {run.run_dir} failed (exit {code}); see {log}; re-run this "
                              "script to resume")
@@ -143,13 +145,14 @@ def plan_settings(args, size_name: str, sets: list[str], test_seeds: tuple[int, 
     paths: the size, data, budget, test seeds, ``--set`` overrides (``runtime.*`` aside: where and how
     the work runs, not what it computes), PT corpus, and the models (the student by its weights)."""
     weights = (student or {}).get("weights")
+    student_key = {name: entry["sha256"] for name, entry in weights.items()} if weights else Path(args.student).name
     return {"size": size_name, "data": args.data if args.data == "sharegpt" else Path(args.data).name,
             "num_examples": args.num_examples, "num_test": args.num_test, "epochs": args.epochs,
             "sft_epochs": args.sft_epochs, "test_seeds": list(test_seeds),
             "sets": [item for item in sets if not item.startswith("runtime.")],
             "pt_corpus": None if args.pt_corpus is None else Path(args.pt_corpus).name,
             "teacher": Path(args.teacher).name,
-            "student": {name: entry["sha256"] for name, entry in weights.items()} if weights else Path(args.student).name}
+            "student": student_key}
 
 
 def portable_overrides(overrides) -> list[str]:
@@ -215,7 +218,8 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
                     not result_path(results, args.size, v.prefix, v.seed).is_file() for v in variants)))
         units.append(Unit(f"{run.prefix}/seed{run.seed}", kind, path, run_work(run),
                           size.estimate_minutes.get(kind.split("/")[1], 30), needs, pending,
-                          {**settings, "method": run.name, "seed": run.seed, "overrides": portable_overrides(run.overrides)}))
+                          {**settings, "method": run.name, "seed": run.seed,
+                           "overrides": portable_overrides(run.overrides)}))
     return units
 
 

@@ -218,9 +218,9 @@ def test_plan_of_units_runs_seed_by_seed_and_retrains_an_init_whose_checkpoint_i
                      "minillm/seed2"]
     by_name = {unit.name: unit for unit in plan}
     # Each result records what it depends on, without the machine's paths.
-    assert by_name["minillm/seed2"].settings["overrides"] == ["train.phases=[minillm]",
-                                                              f"train.total_steps={runs[-1].overrides[2].split('=')[1]}",
-                                                              "train.seed=2"]
+    steps = runs[-1].overrides[2]
+    assert steps.startswith("train.total_steps=")
+    assert by_name["minillm/seed2"].settings["overrides"] == ["train.phases=[minillm]", steps, "train.seed=2"]
     assert by_name["teacher/test-seed20"].settings["test_seed"] == 20
     assert by_name["minillm/seed1"].needs == ("teacher/test-seed10", "teacher/test-seed20", "sft-init/seed1")
     assert by_name["minillm/seed1"].kind == by_name["minillm/seed2"].kind == "quality-cpu/minillm"
@@ -233,3 +233,35 @@ def test_plan_of_units_runs_seed_by_seed_and_retrains_an_init_whose_checkpoint_i
     (tmp_path / "work" / "runs" / "sft-init-seed1" / "sft_best_loss").rmdir()
     _write(by_name["minillm/seed1"].result_path, {}, "minillm/seed1")
     assert not init.is_pending()  # nothing needs it any more
+
+
+def test_train_starts_fresh_replaces_an_attempt_without_checkpoint_and_resumes_one_with(tmp_path, monkeypatch):
+    run = argparse.Namespace(run_dir=tmp_path / "run")
+    calls, exits = [], []
+
+    def fake_cli(*args, log):
+        calls.append(args[args.index("--resume"):])
+        code = exits.pop(0)
+        run.run_dir.mkdir(exist_ok=True)
+        if code == 3:  # preempted after a checkpoint
+            (run.run_dir / "checkpoints").mkdir(exist_ok=True)
+            (run.run_dir / "checkpoints" / "latest").write_text("step1")
+        elif code == 0:
+            (run.run_dir / "run_summary.json").write_text("{}")
+        return code
+
+    monkeypatch.setattr(quality_units, "_cli", fake_cli)
+    exits[:] = [3, 0]
+    quality_units.train(run, [], tmp_path / "log")
+    assert calls == [("--resume", "none"), ("--resume", "auto")]  # fresh, then resumed until done
+    for path in (run.run_dir / "run_summary.json", run.run_dir / "checkpoints" / "latest"):
+        path.unlink()
+    (run.run_dir / "config.yaml").write_text("{}")  # an attempt stopped before its first checkpoint
+    calls.clear()
+    exits[:] = [0]
+    quality_units.train(run, [], tmp_path / "log")
+    assert calls == [("--resume", "none", "--overwrite")]
+    (run.run_dir / "run_summary.json").unlink()
+    exits[:] = [1]
+    with pytest.raises(SystemExit, match=r"training .*run failed \(exit 1\); see .*log"):
+        quality_units.train(run, [], tmp_path / "log")

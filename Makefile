@@ -10,7 +10,7 @@ PIP := $(PYTHON) -m pip
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_VERSION ?= 2.13.0
 # The dependency versions CI ran with (upper bounds by construction); `make install CONSTRAINTS=`
-# installs the newest releases setup.py allows instead (see the README, "Dependencies").
+# installs the newest releases setup.py allows instead (see docs/development.md, "Dependencies").
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false

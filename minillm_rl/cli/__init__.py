@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                       help="dtype the student is saved in (and the teacher loaded in without healing)")
     init.add_argument("--out", required=True)
-    heal = init.add_argument_group("healing", "word-level distillation from the teacher on plain text (see the README)")
+    heal = init.add_argument_group("healing", "word-level distillation from the teacher on plain text (see docs/prune-and-heal.md)")
     heal.add_argument("--heal-tokens", type=int, default=0,
                       help="healing budget in training tokens (0, the default: no healing)")
     source = heal.add_mutually_exclusive_group()

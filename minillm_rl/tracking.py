@@ -177,11 +177,9 @@ class MetricsLogger:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._tb = self._wandb = None
         if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is an optional extra
-                self._tb = None
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard: a core requirement
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         if "wandb" in report_to:
             import wandb
 

@@ -98,10 +98,12 @@ def _train(args: argparse.Namespace) -> int:
         if cfg.runtime.num_learners > 1:
             from minillm_rl.cli.launch import relaunch_under_deepspeed
 
-            return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:])
+            return relaunch_under_deepspeed(cfg.runtime.num_learners, sys.argv[1:], cfg.output.dir)
     from minillm_rl.runtime.coordinator import run_training
+    from minillm_rl.runtime.failure import rank_failures
 
-    return run_training(cfg, resume, inputs, args.overwrite)
+    with rank_failures(cfg.output.dir, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))):
+        return run_training(cfg, resume, inputs, args.overwrite)
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minillm-rl: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (RunFailed, TimeoutError) as err:
-        print(f"minillm-rl: run failed: {err}", file=sys.stderr)
+        if not getattr(err, "reported_elsewhere", False):  # a rank's failure, reported by the launching process
+            print(f"minillm-rl: run failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     return code or 0
 

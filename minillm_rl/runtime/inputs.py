@@ -10,6 +10,7 @@ config, so ranks agree without talking).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -363,12 +364,21 @@ def check_resume_target(resume: str, checkpoint_dir: Path) -> None:
     resume_source(resume, checkpoint_dir, warn=lambda line: None)
 
 
+def check_optional_packages(cfg: RunConfig) -> None:
+    """A package the run would import late (after training) that is not a core requirement and is
+    not installed: refused now, in one line, rather than after hours of training."""
+    if "wandb" in cfg.output.report_to and importlib.util.find_spec("wandb") is None:
+        raise ValueError("output.report_to: 'wandb' needs the wandb package, which is not installed; "
+                         "`pip install wandb`, or remove it from output.report_to")
+
+
 def check_run_inputs(cfg: RunConfig, resume: str, world_size: int, overwrite: bool = False,
                      log: Callable[[str], None] | None = None) -> RunInputs:
     """Every check the CLI process can make before any rank starts (see the module docstring);
     returns the loaded inputs (a run in this process reuses them). ``log``: see :func:`load_run_inputs`."""
     check_output_dir(cfg.output.dir, resume, overwrite)
     check_resume_target(resume, Path(cfg.output.dir) / CHECKPOINTS_SUBDIR)
+    check_optional_packages(cfg)
     try:
         check_model_files(cfg.model.student, cfg.model.student_gguf_file)
     except ValueError as err:

@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,15 @@ from minillm_rl.config import RunConfig, load_config  # noqa: E402
 from minillm_rl.data import load_instructions, split_validation  # noqa: E402
 from minillm_rl.data.prepared import MANIFEST_NAME, PrepareSettings, prepare_dataset, read_manifest  # noqa: E402
 from minillm_rl.tracking import atomic_write_text, log_line  # noqa: E402
-from quality_units import RECIPE, Evaluator, build_units, plan_settings, run_status, student_identity  # noqa: E402
+from quality_units import (  # noqa: E402
+    RECIPE,
+    Evaluator,
+    build_units,
+    exclusive,
+    plan_settings,
+    run_status,
+    student_identity,
+)
 from units import run_units  # noqa: E402
 
 MINILLM = ("train.phases=[minillm]",)
@@ -283,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the units it would start, and stop "
                         "(after building, once, the healed student and the prepared data the plan counts)")
     args = parser.parse_args(argv)
+    budget_started = time.monotonic()  # building the student and the data count against --budget-minutes too
     quiet_progress_bars_off_a_terminal()  # a log file gets whole lines, no '\r' bar frames
     size = SIZES[args.size]
     for name in ("num_examples", "num_test", "epochs", "sft_epochs", "test_seeds"):  # the size's unless given
@@ -296,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         args.teacher, args.student = args.teacher or teacher, args.student or student
     args.out = (args.out or cache_dir() / "bench_quality" / args.size).resolve()
     args.results = args.results.resolve()
+    with exclusive(args.out):
+        run_plan(args, size, budget_started)
+
+
+def run_plan(args: argparse.Namespace, size: Size, budget_started: float) -> None:
+    """Prepare the data (once), plan the runs and their units, and run the pending units."""
     sets = [*size.overrides, *args.set]
     base = load_config(str(RECIPE), [*sets, f"model.teacher={args.teacher}", f"model.student={args.student}",
                                      "data.train=unused"])
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = plan_settings(args, args.size, sets, evaluate.seeds, student_identity(args.student))
     units = build_units(args, size, runs, run_args, evaluate, args.out / "logs", settings)
     try:
-        summary = run_units(units, args.budget_minutes, dry_run=args.dry_run,
+        summary = run_units(units, args.budget_minutes, dry_run=args.dry_run, budget_started=budget_started,
                             log=lambda line: print(f"bench-quality: {line}", flush=True))
     except ValueError as err:  # a corrupt result file, or one of other settings: one line, nothing run
         print(f"bench-quality: {err}", file=sys.stderr)

@@ -5,12 +5,15 @@ of each unit — what the report needs, read from the run directory once the uni
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,21 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "bench" / "bench_quality.yaml"
 EXIT_PREEMPTED = 3
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (``flock``) while inside: a second bench-quality on the same ``--out`` would
+    train the same runs, so it stops in one line (exit 2) instead."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"bench-quality: another bench-quality is running in {out}; wait for it to finish (both would "
+                  "train the same runs)", file=sys.stderr)
+            raise SystemExit(2) from None
+        yield
 
 
 def run_status(run_dir: Path) -> str:

@@ -191,9 +191,11 @@ class Summary:
 
 
 def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_run: bool = False,
-              clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print) -> Summary:
+              clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print,
+              budget_started: float | None = None) -> Summary:
     """Run the pending ``units`` in order (see the module docstring); ``dry_run``: say what would
-    be started, start nothing. Every existing result file is read first, so a corrupt one, or one
+    be started, start nothing. ``budget_started``: the ``clock()`` value the budget counts from
+    (default: now), so the work a caller did before its units (e.g. building a model) counts too. Every existing result file is read first, so a corrupt one, or one
     made with other settings, stops the run before any work (``ValueError``). A unit that raises
     stops the run (its result file is not written; the units before it keep theirs). A unit over
     :data:`UNIT_MINUTES` is reported as such (cut it smaller)."""
@@ -203,7 +205,7 @@ def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_ru
         if unknown:
             raise ValueError(f"unit {unit.name} needs {sorted(unknown)}, which are not in the plan")
     minutes = measured_minutes(units)
-    started_at, summary, available = clock(), Summary(), set()
+    started_at, summary, available = clock() if budget_started is None else budget_started, Summary(), set()
     dry_run_minutes = 0.0  # the costs of the units a dry run would have started
     for index, unit in enumerate(units, start=1):
         where = f"[{index}/{len(units)}] {unit.name}"

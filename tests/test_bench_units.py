@@ -265,3 +265,14 @@ def test_train_starts_fresh_replaces_an_attempt_without_checkpoint_and_resumes_o
     exits[:] = [1]
     with pytest.raises(SystemExit, match=r"training .*run failed \(exit 1\); see .*log"):
         quality_units.train(run, [], tmp_path / "log")
+
+
+def test_a_second_bench_quality_on_the_same_out_stops_in_one_line(tmp_path, capsys):
+    with quality_units.exclusive(tmp_path / "out"):
+        with pytest.raises(SystemExit) as stopped:
+            with quality_units.exclusive(tmp_path / "out"):
+                raise AssertionError("entered a held lock")
+        assert stopped.value.code == 2
+        assert "another bench-quality is running in" in capsys.readouterr().err
+    with quality_units.exclusive(tmp_path / "out"):  # released on leaving
+        pass

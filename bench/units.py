@@ -195,10 +195,11 @@ def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_ru
               budget_started: float | None = None) -> Summary:
     """Run the pending ``units`` in order (see the module docstring); ``dry_run``: say what would
     be started, start nothing. ``budget_started``: the ``clock()`` value the budget counts from
-    (default: now), so the work a caller did before its units (e.g. building a model) counts too. Every existing result file is read first, so a corrupt one, or one
-    made with other settings, stops the run before any work (``ValueError``). A unit that raises
-    stops the run (its result file is not written; the units before it keep theirs). A unit over
-    :data:`UNIT_MINUTES` is reported as such (cut it smaller)."""
+    (default: now), so the work a caller did before its units (e.g. building a model) counts too.
+    Every existing result file is read first, so a corrupt one, or one made with other settings,
+    stops the run before any work (``ValueError``). A unit that raises stops the run (its result
+    file is not written; the units before it keep theirs). A unit over :data:`UNIT_MINUTES` is
+    reported as such (cut it smaller)."""
     names = {unit.name for unit in units}
     for unit in units:
         unknown = set(unit.needs) - names

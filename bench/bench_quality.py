@@ -26,19 +26,20 @@ held out before anything else (ShareGPT: from its first ``SHAREGPT_RESERVED_EXAM
 which no healing or PT text contains), temperature 1, ``no_repeat_ngram_size`` 6, ``--test-seeds``,
 with the distillation metrics against the teacher (:func:`~minillm_rl.evaluation.protocol.evaluate_models`).
 
-**Units** (:mod:`units`): the work is cut into units of <= ~40 minutes, each of which, when it
-finishes, writes one result file under ``--results`` (default ``bench/results``, committed):
-``quality/<size>/teacher/test-seed<S>.json`` (the teacher's test answers and metrics for one test
-seed; every student's test reuses those answers), ``quality/<size>/sft-init/seed<N>.json`` (a seed's
-SFT init for MiniLLM) and ``quality/<size>/<method>/seed<N>.json`` (one method x seed: its training
+**Units** (:mod:`units`, :mod:`quality_units`): the work is cut into units of <= ~40 minutes, each
+of which, when it finishes, writes one result file under ``--results`` (default ``bench/results``,
+committed; layout in ``bench/results/README.md``): the teacher's test answers and metrics per test
+seed (every student's test is judged against those answers), a seed's SFT init for MiniLLM (with a
+test of the checkpoint MiniLLM starts from: a reference row), and one method x seed (its training
 and its test together, since a checkpoint lost with a session cannot be tested later). Each holds
-the resolved run config, the student's manifest identity, the per-prompt (and per test seed)
-metrics, commit, wall time and machine. Only units without a result file run, teacher units first,
-then seed 1 of every method, then seed 2, ...; ``--budget-minutes N`` starts none whose measured
-cost (the longest wall time of its kind among the result files, or the size's stated estimate)
-exceeds what is left. Checkpoints, data and logs live in ``--out`` (default
-``<cache>/bench_quality/<size>``). ``bench/bench_report.py`` builds the tables from the result
-files alone.
+the settings it depends on, the resolved run config, the student's manifest identity, the
+per-prompt (and per test seed) metrics, commit, wall time and machine. Only units without a result
+file run — teacher units first, then seed 1 of every method, then seed 2, ... — and an existing
+result of other settings stops the run (one line). ``--budget-minutes N`` starts no unit whose
+measured cost (the longest wall time of its kind among the result files, or the size's stated
+estimate) exceeds what is left of N minutes counted from the start. Checkpoints, data and logs live
+in ``--out`` (default ``<cache>/bench_quality/<size>``, one bench-quality at a time per ``--out``).
+``bench/bench_report.py`` builds the tables from the result files alone.
 
     python bench/bench_quality.py --table main|ablations [--size cpu|gpu] [--seeds 1 2 3]
         [--budget-minutes N] [--results DIR] [--dry-run]

@@ -436,3 +436,18 @@ def test_the_table_says_which_checkpoint_each_train_run_is_and_what_minillm_star
                                                       "model": {"student": "students/s6"}}))
     text = build_report([str(alone)], tmp_path / "report2").report_path.read_text()
     assert "which started from students/s6" in text and "is not the model" not in text
+
+
+def test_identical_curves_of_two_runs_stay_distinguishable(tmp_path, monkeypatch):
+    """Two runs with the same curve: each gets its own line style, so neither hides the other."""
+    from matplotlib import pyplot
+
+    from minillm_rl.evaluation.report import RunCurves, plot_curves
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)
+    series = {"minillm": {"reward/mean": [(1, 0.1), (2, 0.2)]}}
+    plot_curves([RunCurves("a", series), RunCurves("b", series)], tmp_path / "curves.png")
+    (axis,) = [axis for axis in figures[0].axes if axis.lines]
+    assert [line.get_label() for line in axis.lines] == ["a (minillm)", "b (minillm)"]
+    assert len({line.get_linestyle() for line in axis.lines}) == 2

@@ -42,6 +42,7 @@ TABLE_COLUMNS = ("model", "test Rouge-L", "exact match", "test runs × seeds", "
 # (title, metrics.jsonl key) of each curve panel; the keys the MiniLLM loop and SFT loops log.
 CURVE_PANELS = (("reward (mean per token)", "reward/mean"), ("reverse KL per token", "reverse_kl/per_token"),
                 ("validation Rouge-L", "validation_rouge_l"), ("response length (tokens)", "response_len/mean"))
+CURVE_LINE_STYLES = ("-", "--", ":", "-.")
 CURVES_FILE = "curves.png"
 REPORT_FILE = "report.md"
 
@@ -318,12 +319,14 @@ def plot_curves(curves: Sequence[RunCurves], path: str | os.PathLike) -> Path:
 
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     for axis, (title, key) in zip(axes.flat, CURVE_PANELS):
-        for run in curves:
+        for index, run in enumerate(curves):
             for stage, keys in run.series.items():
                 points = keys.get(key)
                 if points:
                     steps, values = zip(*points)
+                    # A line style per run, so a run whose curve equals another's is not hidden under it.
                     axis.plot(steps, values, marker="." if len(points) < 30 else None,
+                              linestyle=CURVE_LINE_STYLES[index % len(CURVE_LINE_STYLES)],
                               label=f"{run.label} ({stage})")
         axis.set_title(title)
         axis.set_xlabel("optimizer step of the phase")

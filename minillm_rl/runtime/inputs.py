@@ -2,8 +2,10 @@
 
 ``minillm-rl train`` calls :func:`check_run_inputs` in the CLI process, before it re-launches
 itself under ``deepspeed`` and before the output directory exists, so bad input (a missing model,
-mismatched tokenizers, malformed data, an unwritable output directory, a resume target that is
-not a checkpoint) is one line and exit code 2 with nothing created. Every learner rank then
+mismatched tokenizers, malformed data, a validation or test split that lost more than
+``data.max_dropped_share`` to the prompt budget, an unwritable output directory or one that holds
+a previous run, a resume target that is not a checkpoint) is one line and exit code 2 with nothing
+created. Every learner rank then
 loads the same inputs again with :func:`load_run_inputs` (data order is a pure function of the
 config, so ranks agree without talking).
 """
@@ -128,6 +130,13 @@ class RunInputs:
     data_report: DataReport = field(default_factory=DataReport)
 
 
+def field_error(dotted: str, path: str, err: Exception) -> ValueError:
+    """``err`` about the recipe's ``dotted`` path, as one line naming the field; for a relative path
+    that does not exist, also what it was resolved against."""
+    missing = "" if Path(path).exists() else relative_to_cwd(path)
+    return ValueError(f"{dotted}: {err}{missing}")
+
+
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
     """Batches count rows over all learner ranks, so each must split evenly over them."""
     for dotted, batch in (("train.micro_batch_size", cfg.train.micro_batch_size),
@@ -144,13 +153,12 @@ def load_tokenizers(cfg: RunConfig):
     try:
         student = load_tokenizer(model.student, gguf_file=model.student_gguf_file)
     except ValueError as err:
-        missing = "" if Path(model.student).exists() else relative_to_cwd(model.student)
-        raise ValueError(f"model.student: {err}{missing}") from None
+        raise field_error("model.student", model.student, err) from None
     if model.teacher:
         try:
             check_model_files(model.teacher, model.teacher_gguf_file)  # the workers load it, later
         except ValueError as err:
-            raise ValueError(f"model.teacher: {err}") from None
+            raise field_error("model.teacher", model.teacher, err) from None
         teacher = load_tokenizer(model.teacher, gguf_file=model.teacher_gguf_file)
         try:
             check_tokenizers_compatible(teacher, student)
@@ -199,8 +207,7 @@ def load_instruction_splits(cfg: RunConfig, tokenizer, report: DataReport | None
         loaded = load_instructions(data.train, split=data.split, skip_bad=data.skip_bad_records,
                                    max_examples=data.max_examples or None)
     except ValueError as err:
-        missing = "" if Path(data.train).exists() else relative_to_cwd(data.train)
-        raise ValueError(f"data.train: {err}{missing}") from None
+        raise field_error("data.train", data.train, err) from None
     skipped = ", ".join(f"{reason}={count}" for reason, count in sorted(loaded.skipped.items())) or "none"
     report.lines.append(f"loaded {len(loaded.examples)} examples from {data.train} (bad records skipped: {skipped}"
                         + (f"; file truncated after {loaded.truncated_after} records" if loaded.truncated_after
@@ -229,8 +236,11 @@ def load_test_examples(cfg: RunConfig, tokenizer, held_out: list[InstructionExam
     examples held out of ``data.train``; empty when the run has no test stage."""
     data, eval_cfg = cfg.data, cfg.eval
     if eval_cfg.test_data:
-        held_out = load_instructions(eval_cfg.test_data, split=eval_cfg.test_split, skip_bad=data.skip_bad_records,
-                                     max_examples=eval_cfg.num_test or None).examples
+        try:
+            held_out = load_instructions(eval_cfg.test_data, split=eval_cfg.test_split, skip_bad=data.skip_bad_records,
+                                         max_examples=eval_cfg.num_test or None).examples
+        except ValueError as err:
+            raise field_error("eval.test_data", eval_cfg.test_data, err) from None
     if not held_out:
         return [], []
     examples, counts = tokenize_examples(held_out, tokenizer, data.max_prompt_tokens, eval_cfg.max_new_tokens,
@@ -382,5 +392,5 @@ def check_run_inputs(cfg: RunConfig, resume: str, world_size: int, overwrite: bo
     try:
         check_model_files(cfg.model.student, cfg.model.student_gguf_file)
     except ValueError as err:
-        raise ValueError(f"model.student: {err}") from None
+        raise field_error("model.student", cfg.model.student, err) from None
     return load_run_inputs(cfg, world_size, log)

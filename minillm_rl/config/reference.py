@@ -23,8 +23,8 @@ INTRODUCTION = """\
 
 A recipe is a YAML file of sections; it states only what differs from the defaults below
 (`launch/recipes/` has complete examples). On the command line, `KEY=VALUE` overrides follow the
-recipe: `minillm-rl train --config recipe.yaml sampling.alpha=0.3 train.phases=[sft]` (the value is
-parsed as YAML). `minillm-rl train --config recipe.yaml --print-config [overrides]` prints the
+recipe: `minillm-rl train --config recipe.yaml sampling.alpha=0.3 'train.phases=[sft]'` (the value
+is parsed as YAML; quote brackets from the shell). `minillm-rl train --config recipe.yaml --print-config [overrides]` prints the
 resolved config and exits without starting anything; a run writes the same to `config.yaml` in
 its output directory.
 

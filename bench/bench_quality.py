@@ -123,7 +123,7 @@ SIZES = {
                 sft_epochs=2, pt_documents=400,
                 # From the per-step times measured on 2026-12-05 (README; SFT 1.6 s/step, KD 3.6, MiniLLM
                 # 11.5) plus start-up, validation and the test; replaced by measured wall times.
-                estimate_minutes={"teacher-test": 4, "sft-init": 8, "sft": 12, "kd": 18, "seqkd": 18, "minillm": 22}),
+                estimate_minutes={"teacher-test": 4, "sft-init": 10, "sft": 12, "kd": 18, "seqkd": 18, "minillm": 22}),
     # One large GPU: the whole comparison in minutes (not yet measured on hardware; the unit minutes are guesses).
     "gpu": Size(num_examples=3000, num_test=256, test_seeds=(10, 20, 30, 40, 50), layers=10, heal_tokens=40_000_000,
                 epochs=3, sft_epochs=2, pt_documents=4000,

@@ -106,7 +106,7 @@ def read_rows(size_dir: Path, table: str) -> list[Row]:
             continue
         label = f"{name} ({len(files)} seed{'s' if len(files) > 1 else ''})"
         loaded = [_scores(label, path, f"{prefix}/{path.stem}") for _, path in files]
-        series = loaded[0][1]["training"].get("curves") or {}
+        series = (loaded[0][1].get("training") or {}).get("curves") or {}
         rows.append(Row(label, [seed for seed, _ in files], [scores for scores, _ in loaded],
                         RunCurves(f"{name} seed {files[0][0]}", series)))
     return rows

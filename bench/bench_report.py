@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,7 @@ class Row:
     seeds: list[int]
     scores: list[ModelScores]
     curves: RunCurves | None = None
+    starts: dict[int, str] = field(default_factory=dict)  # seed -> the SFT-init weights it started from
 
 
 def _result_files(directory: Path, prefix: str) -> list[tuple[int, Path]]:
@@ -107,9 +109,22 @@ def read_rows(size_dir: Path, table: str) -> list[Row]:
         label = f"{name} ({len(files)} seed{'s' if len(files) > 1 else ''})"
         loaded = [_scores(label, path, f"{prefix}/{path.stem}") for _, path in files]
         series = (loaded[0][1].get("training") or {}).get("curves") or {}
+        starts = {seed: json.dumps(result["init"]["weights"], sort_keys=True)
+                  for (seed, _), (_, result) in zip(files, loaded) if isinstance(result.get("init"), dict)}
         rows.append(Row(label, [seed for seed, _ in files], [scores for scores, _ in loaded],
-                        RunCurves(f"{name} seed {files[0][0]}", series)))
+                        RunCurves(f"{name} seed {files[0][0]}", series), starts))
     return rows
+
+
+def mixed_starts(rows: list[Row]) -> list[int]:
+    """The training seeds whose MiniLLM rows started from different SFT-init weights (the init was
+    trained again after some of them finished: its checkpoint was lost), so a seed's variants differ
+    in more than their switch."""
+    by_seed: dict[int, set[str]] = {}
+    for row in rows:
+        for seed, weights in row.starts.items():
+            by_seed.setdefault(seed, set()).add(weights)
+    return sorted(seed for seed, weights in by_seed.items() if len(weights) > 1)
 
 
 def summary_table(rows: list[Row]) -> str:
@@ -183,6 +198,10 @@ def table_section(size: str, table: str, rows: list[Row], plots: Path, doc_dir: 
         parts += [f"\n### Paired differences against {baseline}\n", differences]
     parts.append(f"\n![{stem}]({link(stem + '.png')})" + (f" ![{stem} curves]({link(stem + '-curves.png')})"
                                                             if curves else ""))
+    mixed = mixed_starts(rows)
+    if mixed:
+        parts.append(f"\n**Note:** the MiniLLM rows of training seed(s) {', '.join(map(str, mixed))} started from "
+                     "different SFT-init weights (the init was trained again after some of them finished).")
     parts.append(f"\nFrom {provenance([Path(scores.run_dir) for scores in models])}\n")
     return "\n".join(parts), writers
 

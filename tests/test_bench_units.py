@@ -121,6 +121,16 @@ def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     assert difference == interval_cell(paired_difference(merged, sft_merged).to_dict())
     assert (tmp_path / "a" / "bench-quality-cpu-main.png").read_bytes() != \
         (tmp_path / "b" / "bench-quality-cpu-main.png").read_bytes()
+    # MiniLLM variants of one seed that started from different SFT-init weights are pointed out.
+    assert "different SFT-init weights" not in changed
+    for prefix, digest in (("minillm", "aa"), ("minillm-alpha0", "bb")):
+        path = size_dir / prefix / "seed2.json"
+        record = json.loads(path.read_text())
+        record["init"] = {"unit": "sft-init/seed2", "weights": {"model.safetensors": {"sha256": digest}}}
+        path.write_text(json.dumps(record))
+    mixed = _report(results, tmp_path / "a" / "results.md")
+    assert "**Note:** the MiniLLM rows of training seed(s) 2 started from different SFT-init weights" in \
+        mixed.split("ablations table")[1]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "misplaced"])

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         from minillm_rl.healing import healed_smollm2_student
 
         # Not a unit here: the heal frontier's (same function and cache); resumable, and counted in the budget.
-        log_line(f"bench-quality: the {args.size} size's student: {size.layers} layers by {size.select}, healed for "
-                 f"{size.heal_tokens} tokens (built first unless it is in {cache_dir()})")
+        print(f"bench-quality: the {args.size} size's student: {size.layers} layers by {size.select}, healed for "
+              f"{size.heal_tokens} tokens (built first unless it is in {cache_dir()})", flush=True)
         teacher, student = map(str, healed_smollm2_student(cache_dir(), size.layers, size.heal_tokens, size.select))
         args.teacher, args.student = args.teacher or teacher, args.student or student
     args.out = (args.out or cache_dir() / "bench_quality" / args.size).resolve()

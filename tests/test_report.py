@@ -145,6 +145,11 @@ def test_report_cli_prints_table_and_paths(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"\| KD \| 7\.00 ± 0\.00 \| 1\.50 \| 1 × 1 \| 7\.25 \| 5 \|", printed)
     assert str(tmp_path / "out" / "report.md") in printed and str(tmp_path / "out" / "curves.png") in printed
+    # Eval directories only: no curves, and both the terminal and report.md say so.
+    assert main(["report", f"KD={run / 'eval'}", "--out", str(tmp_path / "evals")]) == 0
+    assert "(no curves: none of the directories is a train run)" in capsys.readouterr().out
+    assert not (tmp_path / "evals" / "curves.png").exists()
+    assert "No training curves" in (tmp_path / "evals" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- distillation metrics, paired differences

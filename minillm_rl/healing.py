@@ -351,4 +351,5 @@ def healed_smollm2_student(cache: str | os.PathLike | None, layers: int, heal_to
     teacher_dir = smollm2_teacher(cache)
     corpus = CorpusSource(instructions="sharegpt", template="chat", reserved_examples=reserved_examples)
     heal = HealSettings(tokens=heal_tokens, **settings)
-    return teacher_dir, healed_student(teacher_dir, cache, "smollm2-135m-student", layers, heal, corpus, select)
+    # Named as `minillm-rl init-student --cache` names it, so that both find the same student.
+    return teacher_dir, healed_student(teacher_dir, cache, f"{teacher_dir.name}-student", layers, heal, corpus, select)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,23 @@ def test_influence_drops_exactly_the_planted_near_identity_layers(tokenizer, tmp
     assert manifest["layer_selection"]["rule"] == "influence"
     assert manifest["layer_selection"]["measured_on"]["fingerprint"] == \
         manifest["healing"]["corpus"]["validation_fingerprint"]
+
+
+def test_init_student_cache_builds_once_and_prints_the_directory_last(teacher_dir, teacher, tokenizer, tmp_path,
+                                                                      monkeypatch, capsys):
+    from minillm_rl.cli import main
+
+    monkeypatch.setenv("MINILLM_RL_CACHE", str(tmp_path / "cache"))
+    corpus = _write_corpus(tmp_path / "corpus", _teacher_documents(teacher, tokenizer, 24))
+    args = ["init-student", "--teacher", str(teacher_dir), "--layers", "2", "--cache", "--heal-tokens", str(2 * 4 * BLOCK),
+            "--heal-corpus", str(corpus), "--heal-block-size", str(BLOCK), "--heal-batch-size", "4",
+            "--heal-validation-blocks", "4"]
+    assert main(args) == 0
+    built = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built.parent == tmp_path / "cache" and built.name.startswith("teacher-student-2l-influence-healed-")
+    stamp = (built / MANIFEST_NAME).stat().st_mtime_ns
+    assert main(args) == 0  # the same settings: reused, not rebuilt
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == built
+    assert (built / MANIFEST_NAME).stat().st_mtime_ns == stamp
+    assert main([*args, "--select", "even"]) == 0  # another rule: another student
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) != built

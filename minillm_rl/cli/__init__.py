@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import sys
+from pathlib import Path
 
 from minillm_rl.errors import EXIT_BAD_INPUT, EXIT_FAILED, RunFailed
 
@@ -71,11 +72,23 @@ def _init_student(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     interval = {} if args.heal_checkpoint_minutes is None else {"checkpoint_interval_s": 60 * args.heal_checkpoint_minutes}
     layers = args.keep_layers if args.keep_layers is not None else args.layers
-    out = init_student(args.teacher, layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype),
-                       heal=heal, corpus=corpus, select=args.select, **interval)
+    if args.cache:
+        if heal is None or args.keep_layers is not None or args.gguf_file or args.dtype != "float32":
+            raise ValueError("--cache keeps healed float32 students chosen by --layers and --select: give --heal-tokens "
+                             "and a corpus, and no --keep-layers, --gguf-file or --dtype")
+        from minillm_rl.healing import healed_student
+        from minillm_rl.models import cache_dir
+
+        out = healed_student(args.teacher, cache_dir(), f"{Path(args.teacher).name}-student", layers, heal, corpus,
+                             args.select)
+    else:
+        out = init_student(args.teacher, layers, args.out, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype),
+                           heal=heal, corpus=corpus, select=args.select, **interval)
     kept = read_student_manifest(out)["layers_kept"]
     print(f"student with {len(kept)} layers (teacher layers {kept}) written to {out}" +
           (" (healed; see student_manifest.json)" if heal else " (train it with SFT before use)"))
+    if args.cache:
+        print(out)  # the last line: the directory, for scripts (`student=$(minillm-rl init-student ... | tail -1)`)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -237,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "ones, first and last kept (default: influence)")
     init.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                       help="dtype the student is saved in (and the teacher loaded in without healing)")
-    init.add_argument("--out", required=True)
+    out = init.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="new directory for the student")
+    out.add_argument("--cache", action="store_true",
+                     help="keep the healed student in the user cache ($MINILLM_RL_CACHE, default ~/.cache/minillm_rl), "
+                          "keyed by its settings: built once (an interrupted build resumes), then reused; the last "
+                          "line printed is its directory")
     heal = init.add_argument_group("healing", "word-level distillation from the teacher on plain text (see docs/prune-and-heal.md)")
     heal.add_argument("--heal-tokens", type=int, default=0,
                       help="healing budget in training tokens (0, the default: no healing)")

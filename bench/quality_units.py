@@ -160,11 +160,13 @@ class Evaluator:
 
 def plan_settings(args, size_name: str, sets: list[str], test_seeds: tuple[int, ...], student: dict | None) -> dict:
     """What every unit's result depends on besides its own method and seed, without machine-specific
-    paths: the size, data, budget, test seeds, ``--set`` overrides (``runtime.*`` aside: where and how
-    the work runs, not what it computes), PT corpus, and the models (the student by its weights)."""
+    paths: the recipe (``bench_quality.yaml``, parsed), the size, data, budget, test seeds, ``--set``
+    overrides (``runtime.*`` aside: where and how the work runs, not what it computes), PT corpus,
+    and the models (the student by its weights)."""
     weights = (student or {}).get("weights")
     student_key = {name: entry["sha256"] for name, entry in weights.items()} if weights else Path(args.student).name
-    return {"size": size_name, "data": args.data if args.data == "sharegpt" else Path(args.data).name,
+    return {"recipe": yaml.safe_load(RECIPE.read_text(encoding="utf-8")), "size": size_name,
+            "data": args.data if args.data == "sharegpt" else Path(args.data).name,
             "num_examples": args.num_examples, "num_test": args.num_test, "epochs": args.epochs,
             "sft_epochs": args.sft_epochs, "test_seeds": list(test_seeds),
             "sets": [item for item in sets if not item.startswith("runtime.")],
@@ -219,7 +221,10 @@ def build_units(args, size: Size, runs: list[PlannedRun], run_args, evaluate: Ev
                                      teacher_samples())}
         return work
 
-    teacher_settings = {key: settings[key] for key in ("size", "data", "num_examples", "num_test", "sets", "teacher")}
+    # The teacher's test depends on the data, the test protocol and the model's dtype only.
+    teacher_settings = {key: settings[key] for key in ("size", "data", "num_examples", "num_test", "teacher")}
+    teacher_settings["recipe"] = {key: settings["recipe"].get(key) for key in ("data", "eval")}
+    teacher_settings["sets"] = [item for item in settings["sets"] if item.startswith(("data.", "eval.", "model."))]
     units = [Unit(f"teacher/test-seed{seed}", unit_kind(args.size, "teacher-test"), path, teacher_work(seed),
                   size.estimate_minutes.get("teacher-test", 10), settings={**teacher_settings, "test_seed": seed})
              for seed, path in zip(test_seeds, teacher_units)]

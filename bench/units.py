@@ -97,11 +97,13 @@ def check_settings(unit: Unit, result: dict[str, Any]) -> None:
     planned = json.loads(json.dumps(unit.settings))  # as a result file holds them (tuples as lists)
     if recorded == planned:
         return
-    recorded = recorded if isinstance(recorded, dict) else {}
-    key = next(key for key in sorted({*recorded, *planned}) if recorded.get(key) != planned.get(key))
-    raise ValueError(f"{unit.result_path}: made with {key}={recorded.get(key)!r}, this plan has "
-                     f"{planned.get(key)!r}; delete it to re-run the unit with this plan, or write this plan's "
-                     "results elsewhere (--results)")
+    key = ""
+    while isinstance(recorded, dict) and isinstance(planned, dict):  # down to the first differing leaf
+        name = next(name for name in sorted({*recorded, *planned}) if recorded.get(name) != planned.get(name))
+        key, recorded, planned = f"{key}.{name}" if key else name, recorded.get(name), planned.get(name)
+    raise ValueError(f"{unit.result_path}: made with {key or 'settings'}={recorded!r}, this plan has "
+                     f"{planned!r}; delete it to re-run the unit with this plan, or write this plan's results "
+                     "elsewhere (--results)")
 
 
 def _git(*args: str) -> str:

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,13 @@ def test_a_result_of_other_settings_is_refused_not_reused(tmp_path):
                                          r"\['sampling.alpha=0.5'\]"):
         units.run_units(plan, clock=lambda: clock[0], log=lambda line: None)
     assert calls == ["a"]  # b did not start either
+    plan[0].settings = {"epochs": 3, "sets": ["sampling.alpha=0.2"], "recipe": {"data": {"max_length": 160}}}
+    with pytest.raises(ValueError, match=r"made with recipe=None, this plan has \{'data'"):
+        units.run_units(plan[:1], clock=lambda: clock[0], log=lambda line: None)
+    units.write_result(plan[0], {}, 1.0, datetime.now(timezone.utc), units.git_state())
+    plan[0].settings["recipe"]["data"]["max_length"] = 192  # a nested difference is named by its path
+    with pytest.raises(ValueError, match=r"made with recipe\.data\.max_length=160, this plan has 192"):
+        units.run_units(plan[:1], clock=lambda: clock[0], log=lambda line: None)
 
 
 def test_a_corrupt_result_file_stops_the_run_before_any_work(tmp_path):
@@ -216,12 +224,14 @@ def test_plan_of_units_runs_seed_by_seed_and_retrains_an_init_whose_checkpoint_i
 
     base = load_config(str(bench_quality.RECIPE), ["model.teacher=t", "model.student=s", "data.train=d"])
     runs = bench_quality.plan_runs(tmp_path / "work", base, 1000, seeds=[1, 2], epochs=3, sft_epochs=2, table="main")
-    args = argparse.Namespace(results=tmp_path / "results", size="cpu", student=str(tmp_path), teacher="t",
-                              out=tmp_path / "work")
+    args = argparse.Namespace(results=tmp_path / "results", size="cpu", student=str(tmp_path), teacher="/c/teacher",
+                              out=tmp_path / "work", data="sharegpt", num_examples=800, num_test=64, epochs=3,
+                              sft_epochs=2, pt_corpus=str(tmp_path / "pt_corpus"))
     evaluate = argparse.Namespace(seeds=(10, 20))
+    sets = ["runtime.worker_threads=1", "sampling.alpha=0.5", "eval.max_new_tokens=32"]
+    settings = quality_units.plan_settings(args, "cpu", sets, evaluate.seeds, None)
     plan = quality_units.build_units(args, bench_quality.SIZES["cpu"], runs, lambda run: [], evaluate, tmp_path,
-                                     {"size": "cpu", "data": "d", "num_examples": 1, "num_test": 1, "sets": [],
-                                      "teacher": "t"})
+                                     settings)
     names = [unit.name for unit in plan]
     assert names == ["teacher/test-seed10", "teacher/test-seed20", "sft/seed1", "kd/seed1", "seqkd/seed1",
                      "sft-init/seed1", "minillm/seed1", "sft/seed2", "kd/seed2", "seqkd/seed2", "sft-init/seed2",
@@ -231,7 +241,12 @@ def test_plan_of_units_runs_seed_by_seed_and_retrains_an_init_whose_checkpoint_i
     steps = runs[-1].overrides[2]
     assert steps.startswith("train.total_steps=")
     assert by_name["minillm/seed2"].settings["overrides"] == ["train.phases=[minillm]", steps, "train.seed=2"]
-    assert by_name["teacher/test-seed20"].settings["test_seed"] == 20
+    assert by_name["minillm/seed2"].settings["sets"] == ["sampling.alpha=0.5", "eval.max_new_tokens=32"]
+    assert by_name["minillm/seed2"].settings["recipe"]["sampling"]["alpha"] == base.sampling.alpha
+    assert str(tmp_path) not in json.dumps(by_name["minillm/seed2"].settings)
+    teacher = by_name["teacher/test-seed20"].settings  # what the teacher's test depends on, only
+    assert teacher["test_seed"] == 20 and teacher["sets"] == ["eval.max_new_tokens=32"]
+    assert set(teacher["recipe"]) == {"data", "eval"} and teacher["teacher"] == "teacher"
     assert by_name["minillm/seed1"].needs == ("teacher/test-seed10", "teacher/test-seed20", "sft-init/seed1")
     assert by_name["minillm/seed1"].kind == by_name["minillm/seed2"].kind == "quality-cpu/minillm"
     init = by_name["sft-init/seed1"]

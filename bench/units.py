@@ -181,10 +181,11 @@ class Summary:
     skipped_for_budget: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)  # a unit it needs was not done
     planned: list[str] = field(default_factory=list)  # --dry-run: would be started
+    unreached: list[str] = field(default_factory=list)  # a unit failed: it and the units after it
 
     @property
     def remaining(self) -> list[str]:
-        return [*self.skipped_for_budget, *self.blocked, *self.planned]
+        return [*self.skipped_for_budget, *self.blocked, *self.planned, *self.unreached]
 
     def line(self) -> str:
         return (f"units: {len(self.done)} done now, {len(self.already)} already done, "
@@ -238,7 +239,13 @@ def run_units(units: Sequence[Unit], budget_minutes: float | None = None, dry_ru
         log(f"{where}: starting ({source} {cost:.1f} min; {left:.1f} min left)" if budget_minutes is not None
             else f"{where}: starting ({source} {cost:.1f} min)")
         git, begun, begun_utc = git_state(), clock(), datetime.now(timezone.utc)
-        payload = unit.work()
+        try:
+            payload = unit.work()
+        except BaseException:  # a failure or an interrupt: say so, and what landed before it
+            log(f"{where}: stopped after {(clock() - begun) / 60:.1f} min; no result written")
+            summary.unreached = [later.name for later in units[index - 1:] if later.is_pending()]
+            log(summary.line())
+            raise
         wall = clock() - begun
         write_result(unit, payload, wall, begun_utc, git)
         minutes[unit.kind] = max(minutes.get(unit.kind, 0.0), wall / 60)

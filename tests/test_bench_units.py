@@ -209,6 +209,21 @@ def test_a_result_of_other_settings_is_refused_not_reused(tmp_path):
         units.run_units(plan[:1], clock=lambda: clock[0], log=lambda line: None)
 
 
+def test_a_failing_unit_stops_the_run_and_keeps_what_landed_before_it(tmp_path):
+    clock, calls, lines = [0.0], [], []
+    plan = [_unit(tmp_path, "a", "k", 1, calls, clock), _unit(tmp_path, "b", "k", 1, calls, clock),
+            _unit(tmp_path, "c", "k", 1, calls, clock)]
+
+    def fail():
+        raise SystemExit("training failed")
+    plan[1].work = fail
+    with pytest.raises(SystemExit, match="training failed"):
+        units.run_units(plan, clock=lambda: clock[0], log=lines.append)
+    assert calls == ["a"] and (tmp_path / "a.json").is_file() and not (tmp_path / "b.json").exists()
+    assert lines[-2:] == ["[2/3] b: stopped after 0.0 min; no result written",
+                          "units: 1 done now, 0 already done, 0 skipped for budget, 0 blocked by those, 2 remaining"]
+
+
 def test_a_corrupt_result_file_stops_the_run_before_any_work(tmp_path):
     clock, calls = [0.0], []
     plan = [_unit(tmp_path, "a", "k", 1, calls, clock), _unit(tmp_path, "b", "k", 1, calls, clock)]

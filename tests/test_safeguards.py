@@ -210,3 +210,33 @@ def test_a_validation_or_test_split_that_lost_too_much_is_refused(tmp_path):
                                          r"its 10 examples .* set data\.max_dropped_share=0\.\d\d to accept it$"):
         check_dropped_shares(load_config(None, overrides), report)
     check_dropped_shares(load_config(None, overrides + [f"data.max_dropped_share={share}"]), report)
+
+
+def test_under_a_launcher_every_rank_refuses_an_occupied_output_dir_at_once(tmp_path):
+    """Two ranks started as a launcher starts them (RANK, WORLD_SIZE, MASTER_PORT set, so the CLI's
+    own checks are skipped): rank 0's refusal reaches rank 1 too, which reports it instead of going
+    on alone (to fail on something else, or wait in the next collective until its timeout, 60 s
+    here), and both exit 2 at once with nothing written."""
+    import subprocess
+    import sys
+    import time
+
+    from minillm_rl.runtime.learner import pick_free_port
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("previous run\n", encoding="utf-8")
+    recipe = _recipe(tmp_path, out)
+    base = {**os.environ, "DS_ACCELERATOR": "cpu", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(pick_free_port()), "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, "-m", "minillm_rl.cli", "train", "--config", recipe,
+                               "runtime.collective_timeout_s=60"],
+                              env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [rank.communicate(timeout=120) for rank in ranks]
+    assert time.monotonic() - started < 50
+    for process, (_, stderr) in zip(ranks, results):
+        assert process.returncode == 2, stderr[-2000:]
+        assert f"output.dir: {out} holds a previous run" in stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

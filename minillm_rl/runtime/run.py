@@ -99,8 +99,17 @@ class TrainingRun:
         self.out = Path(cfg.output.dir)
         self.checkpoint_dir = self.out / CHECKPOINTS_SUBDIR
         self.progress = Progress()
+        refusal = None
         if self.is_coordinator:
-            check_output_dir(cfg.output.dir, resume, overwrite)
+            try:
+                check_output_dir(cfg.output.dir, resume, overwrite)
+            except ValueError as err:
+                refusal = str(err)
+        # Every rank refuses with rank 0 (e.g. an output.dir holding a previous run under a launcher),
+        # instead of waiting for it in the next collective until the timeout.
+        refusal = broadcast_from_coordinator(refusal, rank, world_size)
+        if refusal is not None:
+            raise ValueError(refusal)
         self.inputs = inputs if inputs is not None else load_run_inputs(
             cfg, world_size, log_line if self.is_coordinator else None)
         self.resumed_at_step: int | None = None  # total optimizer steps of the checkpoint resumed from

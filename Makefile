@@ -117,14 +117,16 @@ bench-runtime: install-demo
 # budget, the distillation metrics with intervals. Hours in all, not in CI, cut into units of <= 40
 # min: each finished unit writes its result file under bench/results/quality/SIZE/ (commit them);
 # a re-run runs only the missing ones. BUDGET_MINUTES=N (when given): starts no unit whose measured
-# cost exceeds the minutes left. SIZE=gpu: the same comparison sized for one large GPU. Checkpoints
-# and data: $MINILLM_RL_CACHE/bench_quality/SIZE. bench-report: the tables
-# (docs/results/bench-quality.md and its PNGs) from the committed result files alone.
+# cost exceeds the minutes left; DRY_RUN=1: says which units it would start. SIZE=gpu: the same
+# comparison sized for one large GPU. Checkpoints and data: $MINILLM_RL_CACHE/bench_quality/SIZE.
+# bench-report: the tables (docs/results/bench-quality.md and its PNGs) from the committed result
+# files alone.
 TABLE ?= main
 SIZE ?= cpu
 bench-quality: install-demo
 	$(PYTHON) bench/bench_quality.py --table $(TABLE) --size $(SIZE) --seeds 1 2 3 \
-		$(if $(filter command line environment,$(origin BUDGET_MINUTES)),--budget-minutes $(BUDGET_MINUTES))
+		$(if $(filter command line environment,$(origin BUDGET_MINUTES)),--budget-minutes $(BUDGET_MINUTES)) \
+		$(if $(filter-out 0,$(DRY_RUN)),--dry-run)
 
 bench-report: install-demo
 	$(PYTHON) bench/bench_report.py

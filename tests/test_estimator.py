@@ -64,7 +64,9 @@ def _estimator_grad(student, teacher, generator, with_single_step: bool) -> torc
     prompt_ids = torch.tensor([PROMPT] * CHUNK_SIZE)
     rollout = sample_rollouts(
         student, teacher, prompt_ids, torch.ones_like(prompt_ids),
-        SamplingConfig(alpha=0.0, max_new_tokens=HORIZON, teacher_dist="exact"),
+        # Lazy mixing (the default): at alpha 0 the student decodes alone and the teacher scores
+        # the responses in its one catch-up forward.
+        SamplingConfig(alpha=0.0, max_new_tokens=HORIZON, teacher_dist="exact", mixing="lazy"),
         eos_token_id=EOS, pad_token_id=0, generator=generator,
     )
     adv_cfg = AdvantageConfig.paper()

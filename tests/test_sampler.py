@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from minillm_rl.algorithm.cached_lm import CachedLM, mixture_coins
 from minillm_rl.algorithm.forward import position_ids_from_mask
 from minillm_rl.algorithm.logits import process_logits
 from minillm_rl.models import (
@@ -24,12 +25,9 @@ from minillm_rl.models import (
     load_causal_lm,
     prune_student,
 )
-from minillm_rl.tracking import StageClock
 from minillm_rl.algorithm.sampler import (
     Rollout,
     SamplingConfig,
-    _CachedDecoder,
-    _decode,
     sample_categorical,
     sample_rollouts,
 )
@@ -127,21 +125,24 @@ CASES = [
     # arch, alpha, teacher_dist, temperature, top_k
     ("gpt2", 0.2, "exact", 1.0, 0),
     ("gpt2", 0.0, "topk", 1.0, 0),
+    ("gpt2", 0.5, "none", 1.0, 0),
     ("opt", 0.2, "topk", 1.0, 0),
     ("opt", 1.0, "exact", 1.0, 0),
     ("llama", 0.2, "exact", 0.8, 5),
     ("llama", 0.0, "exact", 0.8, 5),
+    ("llama", 0.7, "exact", 1.0, 0),
     ("llama", 1.0, "topk", 1.0, 0),
 ]
 
 
+@pytest.mark.parametrize("mixing", ["lazy", "every_step"])
 @pytest.mark.parametrize("arch,alpha,teacher_dist,temperature,top_k", CASES)
-def test_records_match_teacher_forcing(arch, alpha, teacher_dist, temperature, top_k):
+def test_records_match_teacher_forcing(arch, alpha, teacher_dist, temperature, top_k, mixing):
     teacher, student = _teacher_student(arch)
     prompt_ids, prompt_mask = _ragged_prompts()
     cfg = SamplingConfig(
         alpha=alpha, temperature=temperature, top_k=top_k, max_new_tokens=MAX_NEW,
-        teacher_dist=teacher_dist, teacher_topk=4,
+        teacher_dist=teacher_dist, teacher_topk=4, mixing=mixing,
     )
     rollout = sample_rollouts(
         student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
@@ -150,9 +151,27 @@ def test_records_match_teacher_forcing(arch, alpha, teacher_dist, temperature, t
     lengths = rollout.response_mask.sum(-1)
     assert (lengths < MAX_NEW).any() and (lengths == MAX_NEW).any(), "want early stops and full-length rows"
     assert rollout.policy_version == 7 and rollout.alpha == alpha
+    assert torch.equal(rollout.token_policy_versions, 7 * rollout.response_mask.long())
     assert (rollout.teacher_dist_logprobs is None) == (teacher_dist != "exact")
     assert (rollout.teacher_topk_ids is None) == (teacher_dist != "topk")
     _check_against_teacher_forcing(rollout, student, teacher, cfg)
+
+
+@pytest.mark.parametrize("mixing", ["lazy", "every_step"])
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_records_match_teacher_forcing_in_float64(alpha, mixing):
+    """float64 models and a float64 shipped distribution, so the only difference left from the
+    recomputation is the sampler's float32 log-softmax (< 1e-6 here; allowed 1e-6 instead of
+    1e-4): a record taken at a neighbouring position or from a forward that saw the wrong tokens
+    is off by orders of magnitude more."""
+    teacher, student = (model.double() for model in _teacher_student("llama"))
+    prompt_ids, prompt_mask = _ragged_prompts(seed=2)
+    cfg = SamplingConfig(alpha=alpha, max_new_tokens=MAX_NEW, teacher_dist="exact",
+                         teacher_dist_dtype=torch.float64, mixing=mixing)
+    rollout = sample_rollouts(student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD,
+                              generator=torch.Generator().manual_seed(2))
+    assert rollout.teacher_dist_logprobs.dtype == torch.float64
+    _check_against_teacher_forcing(rollout, student, teacher, cfg, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch,alpha,teacher_dist,temperature,top_k", [
@@ -204,35 +223,42 @@ def test_decoding_uses_no_deprecated_transformers_api(arch):
     assert deprecations == []
 
 
-def test_alpha_zero_fast_path_equals_mixed_path():
-    """The student-only decode + one teacher pass records what step-by-step mixing records."""
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_lazy_and_every_step_agree_where_the_coins_are_certain(alpha):
+    """At alpha 0 and 1 lazy mixing draws no coin, so the same seed draws the same tokens as
+    every-step mixing (at alpha 1 ``lerp`` returns the teacher's probabilities exactly); the
+    records agree (bit for bit at alpha 0, where both run the same forwards)."""
     teacher, student = _teacher_student("llama")
     prompt_ids, prompt_mask = _ragged_prompts(seed=3)
-    cfg = SamplingConfig(alpha=0.0, temperature=0.9, top_k=6, max_new_tokens=MAX_NEW, teacher_dist="exact")
-    fast = sample_rollouts(student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5))
-    # Mixing with weight 0 leaves the sampling probabilities bit-identical, so the same seed
-    # replays the same tokens through the step-by-step path.
-    student_lp, tokens, mask, teacher_rec, versions = _decode(
-        student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD, torch.Generator().manual_seed(5), lambda: 7,
-        StageClock(None),
-    )
-    assert torch.equal(fast.response_ids, tokens) and torch.equal(fast.response_mask, mask)
-    assert versions.shape == (1, tokens.shape[1]) and bool((versions == 7).all())
-    valid = mask.bool()
-    torch.testing.assert_close(fast.student_logprobs[valid], student_lp[valid])
-    torch.testing.assert_close(fast.teacher_logprobs[valid], teacher_rec.logprobs[valid], atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast.teacher_logprobs_raw[valid], teacher_rec.logprobs_raw[valid], atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        fast.teacher_dist_logprobs[valid], teacher_rec.dist_logprobs[valid], atol=1e-5, rtol=0
-    )
+
+    def run(mixing):
+        cfg = SamplingConfig(alpha=alpha, temperature=0.9, top_k=6, max_new_tokens=MAX_NEW, teacher_dist="exact",
+                             mixing=mixing)
+        calls = {}
+        rollout = sample_rollouts(student, teacher, prompt_ids, prompt_mask, cfg, EOS, PAD,
+                                  torch.Generator().manual_seed(5), forward_calls=calls)
+        return rollout, calls
+
+    (lazy, lazy_calls), (every, every_calls) = run("lazy"), run("every_step")
+    steps = lazy.response_ids.shape[1]
+    assert torch.equal(lazy.response_ids, every.response_ids) and torch.equal(lazy.response_mask, every.response_mask)
+    exact = dict(atol=0, rtol=0) if alpha == 0 else dict(atol=1e-5, rtol=0)
+    for name in ("student_logprobs", "teacher_logprobs", "mixture_logprobs", "teacher_logprobs_raw",
+                 "teacher_dist_logprobs"):
+        torch.testing.assert_close(getattr(lazy, name), getattr(every, name), **exact, msg=name)
+    if alpha == 0:  # the student decodes, the teacher scores once
+        assert lazy_calls == every_calls == {"student": steps, "teacher": 1}
+    else:  # the teacher decodes, the student scores once (every step: both at every step)
+        assert lazy_calls == {"student": 1, "teacher": steps} and every_calls == {"student": steps, "teacher": steps}
 
 
 @torch.no_grad()
-def _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, alpha):
-    """Probability of every response (ends at EOS or after ``horizon`` tokens) under the mixture."""
+def _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, alphas):
+    """Probability of every response (ends at EOS or after ``horizon`` tokens) when the token at
+    step ``t`` is drawn from ``alphas[t] * p + (1 - alphas[t]) * q``."""
     probs = {}
     frontier = [((), 1.0)]
-    for _ in range(horizon):
+    for alpha in alphas[:horizon]:
         prefixes = [prefix for prefix, _ in frontier]
         batch = torch.tensor([list(prompt) + list(prefix) for prefix in prefixes])
         teacher_p = teacher(batch).logits[:, -1].double().softmax(-1)
@@ -250,13 +276,14 @@ def _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, 
     return probs
 
 
-def _chi_square_pvalue(rollout: Rollout, probs: dict) -> float:
+def _chi_square_pvalue(rollouts: list[Rollout], probs: dict) -> float:
     from scipy.stats import chisquare
 
-    lengths = rollout.response_mask.sum(-1).long().tolist()
     counts = dict.fromkeys(probs, 0)
-    for row, n in zip(rollout.response_ids.tolist(), lengths):
-        counts[tuple(row[:n])] += 1
+    for rollout in rollouts:
+        lengths = rollout.response_mask.sum(-1).long().tolist()
+        for row, n in zip(rollout.response_ids.tolist(), lengths):
+            counts[tuple(row[:n])] += 1
     total = sum(counts.values())
     outcomes = sorted(probs, key=probs.get)
     observed = [counts[o] for o in outcomes]
@@ -286,28 +313,76 @@ def test_stop_at_eos_false_runs_every_response_to_max_new_tokens():
     assert torch.equal(running.response_ids[:, :width][valid], stopping.response_ids[valid])
 
 
-def test_sampled_distribution_matches_exact_mixture():
+CHI_VOCAB, CHI_EOS, CHI_HORIZON, CHI_PROMPT = 4, 3, 3, [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def chi_models():
+    teacher = make_tiny_lm("gpt2", CHI_VOCAB, seed=11, init_std=1.0)
+    student = make_tiny_lm("gpt2", CHI_VOCAB, seed=12, init_std=1.0)
+    return student, teacher
+
+
+def _chi_draws(student, teacher, alpha, mixing, rows, calls=1, seed=123):
+    """Responses of ``calls`` sampler calls of ``rows`` prompts each, as one Rollout-like list."""
+    cfg = SamplingConfig(alpha=alpha, max_new_tokens=CHI_HORIZON, teacher_dist="none", mixing=mixing)
+    prompt_ids = torch.tensor([CHI_PROMPT] * rows)
+    generator = torch.Generator().manual_seed(seed)
+    return [sample_rollouts(student, teacher, prompt_ids, torch.ones_like(prompt_ids), cfg, CHI_EOS, 0,
+                            generator=generator) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("mixing,alpha", [("every_step", 0.3), ("lazy", 0.0), ("lazy", 0.2), ("lazy", 0.5),
+                                          ("lazy", 1.0)])
+def test_sampled_distribution_matches_exact_mixture(chi_models, mixing, alpha):
+    """Each response is a draw from the mixture. Lazy mixing shares its coins within a call, so
+    the rows of one call are independent only given the coins: where the coins are random
+    (0 < alpha < 1) every lazy draw is its own call (1000 of them, on one thread: a call of these
+    tiny models is all per-op overhead), else 20000 rows in one call."""
     pytest.importorskip("scipy")
-    vocab, eos, horizon, alpha, draws = 4, 3, 3, 0.3, 20000
-    teacher = make_tiny_lm("gpt2", vocab, seed=11, init_std=1.0)
-    student = make_tiny_lm("gpt2", vocab, seed=12, init_std=1.0)
-    prompt = [0, 1, 2]
-    probs = _exact_response_distribution(student, teacher, prompt, vocab, eos, horizon, alpha)
+    student, teacher = chi_models
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    probs = _exact_response_distribution(student, teacher, CHI_PROMPT, CHI_VOCAB, CHI_EOS, CHI_HORIZON,
+                                         [alpha] * CHI_HORIZON)
     assert len(probs) == 1 + 3 + 9 + 27 and math.isclose(sum(probs.values()), 1.0, rel_tol=1e-9)
+    independent_calls = mixing == "lazy" and 0 < alpha < 1
+    try:
+        draws = _chi_draws(student, teacher, alpha, mixing, rows=1 if independent_calls else 20000,
+                           calls=1000 if independent_calls else 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert _chi_square_pvalue(draws, probs) > 1e-3
+    # Power: the same draws are rejected against the student alone (what sampling without the
+    # teacher would give), or at alpha 0 against the teacher alone.
+    other = _exact_response_distribution(student, teacher, CHI_PROMPT, CHI_VOCAB, CHI_EOS, CHI_HORIZON,
+                                         [1.0 if alpha == 0 else 0.0] * CHI_HORIZON)
+    assert _chi_square_pvalue(draws, other) < 1e-3
 
-    prompt_ids = torch.tensor([prompt] * draws)
-    prompt_mask = torch.ones_like(prompt_ids)
 
-    def draw(sample_alpha):
-        cfg = SamplingConfig(alpha=sample_alpha, max_new_tokens=horizon, teacher_dist="none")
-        return sample_rollouts(
-            student, teacher, prompt_ids, prompt_mask, cfg, eos, pad_token_id=0,
-            generator=torch.Generator().manual_seed(123),
-        )
-
-    assert _chi_square_pvalue(draw(alpha), probs) > 1e-3
-    # Power: the student alone (what sampling without the teacher mix would do) is rejected.
-    assert _chi_square_pvalue(draw(0.0), probs) < 1e-3
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_lazy_rows_given_the_coins_follow_the_chosen_models(chi_models, alpha):
+    """Within one lazy call, given its coins (re-drawn from the same seed), the rows are
+    independent draws from the teacher at coin-1 steps and the student at coin-0 steps; the
+    mixture's own distribution is rejected for them (they share the coins)."""
+    pytest.importorskip("scipy")
+    student, teacher = chi_models
+    checked = set()
+    for seed in range(40):
+        coins = mixture_coins(alpha, CHI_HORIZON, torch.Generator().manual_seed(seed))
+        if tuple(coins) in checked or all(coins) or not any(coins):
+            continue
+        checked.add(tuple(coins))
+        draws = _chi_draws(student, teacher, alpha, "lazy", rows=20000, seed=seed)
+        given_coins = _exact_response_distribution(student, teacher, CHI_PROMPT, CHI_VOCAB, CHI_EOS, CHI_HORIZON,
+                                                   [float(c) for c in coins])
+        mixture = _exact_response_distribution(student, teacher, CHI_PROMPT, CHI_VOCAB, CHI_EOS, CHI_HORIZON,
+                                               [alpha] * CHI_HORIZON)
+        assert _chi_square_pvalue(draws, given_coins) > 1e-3, coins
+        assert _chi_square_pvalue(draws, mixture) < 1e-3, coins
+        if len(checked) == 2:
+            return
+    pytest.fail(f"fewer than 2 mixed coin patterns in 40 seeds: {checked}")
 
 
 def test_sample_categorical_frequencies_and_zero_probability_tokens():
@@ -326,25 +401,42 @@ def test_sample_categorical_frequencies_and_zero_probability_tokens():
     assert torch.equal(draws, again)
 
 
+def _full_mask_and_positions(prompt_mask, slots):
+    mask = torch.cat([prompt_mask, torch.ones(prompt_mask.shape[0], slots, dtype=prompt_mask.dtype)], 1)
+    return mask, position_ids_from_mask(prompt_mask)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
-def test_cpu_decode_head_copy_reproduces_the_models_logits(arch):
-    """The decode fast path (base model + transposed head copy) must be taken for the supported
-    layouts and give the whole model's logits at every step; a model whose logits are not a
-    linear map of the last hidden state (soft-capping here) must fall back to the whole model."""
-    model = make_tiny_lm(arch, VOCAB, num_layers=2, seed=4, init_std=0.3)
+def test_cached_lm_scores_several_positions_as_one_at_a_time(arch):
+    """One KV-cached forward over several new positions gives the logits of one forward per
+    position, and both give those of a forward over the whole sequence without a cache (float64,
+    tolerance 1e-10: a wrong position id, mask column or cache offset is off by far more). The
+    decode fast path (base model + transposed head copy) is taken for the supported layouts; a
+    model whose logits are not a linear map of the last hidden state (soft-capping here) falls
+    back to the whole model and still agrees."""
+    model = make_tiny_lm(arch, VOCAB, num_layers=2, seed=4, init_std=0.3).double()
     prompt_ids, prompt_mask = _ragged_prompts(seed=1)
-    positions = position_ids_from_mask(prompt_mask)
-    decoder = _CachedDecoder(model, prompt_ids, prompt_mask, positions)
-    assert decoder.head is not None
-    ids, mask = prompt_ids, prompt_mask
-    next_position = positions[:, -1:] + 1
-    for step in range(3):
-        tokens = torch.full((prompt_ids.shape[0],), 2 + step)
-        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        decoder.step(tokens, mask, next_position)
-        next_position = next_position + 1
-        expected = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
-        torch.testing.assert_close(decoder.next_logits, expected, rtol=1e-5, atol=1e-5)
+    tokens = torch.randint(2, VOCAB, (prompt_ids.shape[0], MAX_NEW), generator=torch.Generator().manual_seed(0))
+    full_ids = torch.cat([prompt_ids, tokens], 1)
+    mask, positions = _full_mask_and_positions(prompt_mask, MAX_NEW)
+    with torch.no_grad():
+        expected = model(input_ids=full_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    expected = expected[:, prompt_ids.shape[1] - 1:-1]  # [B, MAX_NEW, V]: position t predicts tokens[:, t]
+
+    def scored(schedule):
+        lm = CachedLM(model, prompt_ids, mask, positions)
+        with torch.no_grad():
+            logits = torch.cat([lm.advance(to, tokens)[0] for to in schedule], 1)
+        assert lm.calls == len(schedule) and lm.ready == schedule[-1] + 1
+        return lm, logits
+
+    one_at_a_time, stepped = scored(list(range(MAX_NEW)))
+    assert one_at_a_time.head is not None
+    _, chunked = scored([2, 3, 6, MAX_NEW - 1])  # a first call over prompt + 2 tokens, then 1, 3, 1 new
+    torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="scored already"):
+        one_at_a_time.advance(3, tokens)
 
     original_forward = model.forward
 
@@ -354,7 +446,9 @@ def test_cpu_decode_head_copy_reproduces_the_models_logits(arch):
         return out
 
     model.forward = soft_capped
-    assert _CachedDecoder(model, prompt_ids, prompt_mask, positions).head is None
+    capped, capped_logits = scored([0, 4, MAX_NEW - 1])
+    assert capped.head is None
+    torch.testing.assert_close(capped_logits, 3.0 * torch.tanh(expected / 3.0), rtol=0, atol=1e-10)
 
 
 def test_vocab_mismatch_is_refused():
@@ -370,6 +464,8 @@ def test_bad_inputs_give_one_line_errors():
         SamplingConfig(alpha=1.5)
     with pytest.raises(ValueError, match="teacher_dist"):
         SamplingConfig(teacher_dist="full")
+    with pytest.raises(ValueError, match="mixing must be 'lazy' or 'every_step', got 'sometimes'"):
+        SamplingConfig(mixing="sometimes")
     model = make_tiny_lm("gpt2", VOCAB)
     right_padded = torch.tensor([[2, 3, 0]]), torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match="left-padded"):

@@ -1,13 +1,14 @@
 """Teacher-mixed sampling (algorithm.md §3.2-3.3): pure torch, any HF causal LM pair.
 
-Each step both models' next-token logits go through the same ``process_logits``; the token is
-drawn from ``p~ = alpha * p + (1 - alpha) * q_old`` and everything the learner needs is recorded,
-so the learner never runs the teacher. With ``alpha == 0`` the teacher does not influence
-decoding, so the student samples alone and the teacher scores the finished responses in one
-batched forward (same records, far fewer teacher calls).
-
-Longer than ~400 lines because the decode loop, its cached decoders and the records it fills
-are one contract (the ``Rollout``) and are read together.
+Each token is drawn from ``p~ = alpha * p + (1 - alpha) * q_old`` (both models' logits through
+the same ``process_logits``) and everything the learner needs is recorded, so the learner never
+runs the teacher. ``SamplingConfig.mixing`` says how: ``lazy`` (default) draws a shared coin per
+step and runs only the model the token is drawn from, each model scoring the positions it skipped
+in one KV-cached forward when it next runs or at the end (:mod:`~minillm_rl.algorithm.cached_lm`):
+about ``alpha T + 1`` teacher forwards per ``T``-token response instead of ``T``; ``every_step``
+runs both models at every step and draws from ``p~`` itself. With ``alpha == 0`` both are "the
+student decodes, the teacher scores the finished responses in one forward". The records are the
+same in meaning either way.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Literal
 
 import torch
 
-from minillm_rl.algorithm.forward import position_ids_from_mask, response_logits
+from minillm_rl.algorithm.cached_lm import CachedLM, mixture_coins
+from minillm_rl.algorithm.forward import position_ids_from_mask
 from minillm_rl.algorithm.logits import process_logits
-from minillm_rl.algorithm.teacher_head import HeadRecorder
 from minillm_rl.tensor_pickle import TensorsAsArrays
 from minillm_rl.tracking import StageClock
 
@@ -37,6 +38,10 @@ class SamplingConfig:
     recomputes the same distribution with the head (exact, ``V / d`` times fewer bytes; refused
     for a teacher whose logits are not its linear head's output); ``"topk"`` ships its
     ``teacher_topk`` largest log-probs and their ids; ``"none"`` ships neither (no single-step term).
+
+    ``mixing``: ``"lazy"`` draws a shared ``Bernoulli(alpha)`` coin per step and runs only the
+    model the token is drawn from (the other catches up later in one forward); ``"every_step"``
+    runs both models at every step. Same distribution and records; lazy runs fewer forwards.
     """
 
     alpha: float = 0.2
@@ -50,6 +55,7 @@ class SamplingConfig:
     # False: every response runs to max_new_tokens (EOS is sampled like any token); for benchmarks
     # that need equal lengths across systems.
     stop_at_eos: bool = True
+    mixing: Literal["lazy", "every_step"] = "lazy"
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -66,6 +72,8 @@ class SamplingConfig:
             raise ValueError(
                 f"SamplingConfig.teacher_dist must be 'exact', 'hidden', 'topk' or 'none', got {self.teacher_dist!r}"
             )
+        if self.mixing not in ("lazy", "every_step"):
+            raise ValueError(f"SamplingConfig.mixing must be 'lazy' or 'every_step', got {self.mixing!r}")
         if self.teacher_topk < 1:
             raise ValueError(f"SamplingConfig.teacher_topk must be >= 1, got {self.teacher_topk}")
         if not (isinstance(self.teacher_dist_dtype, torch.dtype) and self.teacher_dist_dtype.is_floating_point):
@@ -205,71 +213,6 @@ def _check_vocab(student, teacher) -> int:
     return student_vocab
 
 
-class _CachedDecoder:
-    """One model decoding with its own KV cache; returns last-position logits ``[B, V]``.
-
-    On CPU the LM head of a decode step is a ``[B, H] x [H, V]`` product that is bound by reading
-    the weight; against a transposed contiguous copy of the head it measured 1.5x faster than
-    ``F.linear`` (17.5 -> 11.7 ms for a 49k x 576 head at batch 8). So after the prefill, which
-    runs the whole model, decode steps run the base model and this head copy, provided the
-    prefill's logits are reproduced from its last hidden state (a model whose logits are not a
-    plain linear map of it, e.g. with soft-capping, keeps the whole-model path).
-
-    ``record_hidden`` (the teacher in ``hidden`` mode) also keeps ``next_hidden [B, d]``, the LM
-    head's input behind ``next_logits``; a model whose logits are not that head's output is refused.
-    """
-
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
-                 record_hidden: bool = False):
-        # Imported here: the replay store unpickles Rollouts (this module) and needs no transformers.
-        from transformers import DynamicCache
-
-        self.model = model
-        self.cache = DynamicCache(config=model.config)
-        self.head: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.recorder = HeadRecorder(model) if record_hidden else None
-        self.next_hidden: torch.Tensor | None = None
-        with self.recorder or contextlib.nullcontext():
-            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                        cache=self.cache, use_cache=True, logits_to_keep=1,
-                        output_hidden_states=prompt_ids.device.type == "cpu")
-        self.next_logits = out.logits[:, -1]
-        if self.recorder is not None:
-            self.next_hidden = self.recorder.hidden_for(out.logits)[:, -1]
-        if out.hidden_states is not None:
-            self.head = _transposed_head(model, out.hidden_states[-1][:, -1], self.next_logits)
-
-    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        inputs = {"input_ids": tokens.unsqueeze(-1), "attention_mask": attention_mask, "position_ids": position_ids,
-                  "cache": self.cache, "use_cache": True}
-        if self.head is None:
-            with self.recorder or contextlib.nullcontext():
-                logits = self.model(**inputs, logits_to_keep=1).logits
-            self.next_logits = logits[:, -1]
-            if self.recorder is not None:
-                self.next_hidden = self.recorder.hidden_for(logits)[:, -1]
-            return
-        weight_t, bias = self.head
-        hidden = self.model.base_model(**inputs).last_hidden_state[:, -1]
-        logits = hidden @ weight_t
-        self.next_logits = logits if bias is None else logits.add_(bias)
-        self.next_hidden = hidden
-
-
-def _transposed_head(model, hidden: torch.Tensor, logits: torch.Tensor):
-    """``(weight^T contiguous [H, V], bias or None)`` of ``model``'s LM head if ``hidden [B, H]``
-    times it reproduces ``logits [B, V]``, else ``None``."""
-    head = model.get_output_embeddings()
-    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-    if weight is None or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        return None
-    weight_t = weight.detach().t().contiguous()
-    candidate = hidden @ weight_t if bias is None else hidden @ weight_t + bias
-    if candidate.shape != logits.shape or not torch.allclose(candidate.float(), logits.float(), rtol=1e-4, atol=1e-4):
-        return None
-    return weight_t, None if bias is None else bias.detach()
-
-
 @torch.no_grad()
 def sample_rollouts(
     student,
@@ -282,23 +225,25 @@ def sample_rollouts(
     generator: torch.Generator | None = None,
     policy_version: int | Callable[[], int] = 0,
     timings: dict[str, float] | None = None,
+    forward_calls: dict[str, int] | None = None,
 ) -> Rollout:
     """Sample one response per prompt from the teacher-mixed distribution and record it.
 
     Args:
         student, teacher: HF causal LMs sharing the tokenizer (same logit width).
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
-        cfg: sampling settings.
+        cfg: sampling settings (``cfg.mixing`` picks lazy or every-step mixing).
         eos_token_id: id or ids that end a response (the first one is part of it); ``None`` or
             ``[]`` never stops early.
         pad_token_id: written after a response's end.
-        generator: RNG for :func:`sample_categorical` (on the models' device).
+        generator: RNG of the coins and of :func:`sample_categorical` (on the models' device);
+            the same state gives the same rollout.
         policy_version: the student weight version, or a callable returning the version the
-            student holds now, read after each student forward (``token_policy_versions``);
-            ``Rollout.policy_version`` is the first one.
+            student holds now, read after each student forward (``token_policy_versions``: the
+            version behind each token's student log-prob); ``Rollout.policy_version`` is the first.
         timings: when given, seconds are added to ``"decode"`` (the student's forwards and the
-            sampling) and ``"teacher"`` (the teacher's forwards and records: mixed into every
-            step when ``alpha > 0``, one scoring forward after decoding otherwise).
+            sampling) and ``"teacher"`` (the teacher's forwards and records).
+        forward_calls: when given, each model's forwards are added to ``"student"`` and ``"teacher"``.
 
     Returns:
         A :class:`Rollout` whose width ``T`` is the longest response in the batch.
@@ -313,18 +258,17 @@ def sample_rollouts(
     _check_vocab(student, teacher)
     if not cfg.stop_at_eos:
         eos_token_id = []
-    mixed = cfg.alpha > 0
     device = prompt_ids.device
     clock = StageClock(timings, sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
     read_version = policy_version if callable(policy_version) else lambda: policy_version
     with clock.measure("decode"):
-        student_lp, tokens, response_mask, teacher_rec, versions = _decode(
-            student, teacher if mixed else None, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
-            generator, read_version, clock,
+        student_lp, tokens, response_mask, teacher_rec, versions, calls = _decode(
+            student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator, read_version,
+            clock,
         )
-    if not mixed:
-        with clock.measure("teacher"):
-            teacher_rec = _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg)
+    if forward_calls is not None:
+        for name, count in calls.items():
+            forward_calls[name] = forward_calls.get(name, 0) + count
     # Zero everything past each response's end (contract); in exact mode only those rows are touched.
     invalid = response_mask == 0
     per_token = {
@@ -357,104 +301,126 @@ def sample_rollouts(
 
 def _decode(student, teacher, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator, read_version,
             clock):
-    """Token-by-token sampling; the teacher (when given) is mixed in and its records kept.
+    """Token-by-token sampling; each model runs where the schedule needs it and catches up at the end.
 
-    Returns ``student_logprobs [B, T]``, ``tokens [B, T]``, ``response_mask [B, T]``, when a
-    teacher is given its :class:`_TeacherRecords` with ``[B, T(, K|V)]`` tensors (else ``None``),
-    and ``versions [1, T]`` long: ``read_version()`` after the student forward behind each step.
+    ``every_step``: the student runs at every step and, when ``alpha > 0``, the teacher too, and
+    the token is drawn from ``p~`` itself. ``lazy``: a shared coin per step (:func:`mixture_coins`)
+    says which model the token is drawn from, and only that model runs at that step (over every
+    position it has not seen, :class:`CachedLM`). Either way each model then scores the positions
+    it has not (one forward), so every position gets both models' records; at ``alpha = 0`` both
+    schedules are "the student decodes, the teacher scores once".
+
+    Returns ``student_logprobs [B, T]``, ``tokens [B, T]``, ``response_mask [B, T]``, the
+    :class:`_TeacherRecords` with ``[B, T(, K|V|d)]`` tensors, ``versions [1, T]`` long
+    (``read_version()`` after the student forward that scored each position) and the forward
+    calls ``{"student": n, "teacher": m}``.
     """
     batch, prompt_len = prompt_ids.shape
     max_new, device = cfg.max_new_tokens, prompt_ids.device
     eos_ids = _eos_tensor(eos_token_id, device)
+    coins = mixture_coins(cfg.alpha, max_new, generator, device) if cfg.mixing == "lazy" else None
 
-    # The full-length mask is built once; step t attends to its first prompt_len + t + 1 columns.
-    # Positions past a response's end are attended to as well: their outputs are never used.
     attention_mask = torch.ones(batch, prompt_len + max_new, dtype=torch.long, device=device)
     attention_mask[:, :prompt_len] = prompt_mask
     prompt_positions = position_ids_from_mask(prompt_mask)
-    next_position = prompt_positions[:, -1:] + 1
+    models = {
+        "student": CachedLM(student, prompt_ids, attention_mask, prompt_positions),
+        "teacher": CachedLM(teacher, prompt_ids, attention_mask, prompt_positions,
+                            record_hidden=cfg.teacher_dist == "hidden"),
+    }
 
-    decoders = [_CachedDecoder(student, prompt_ids, attention_mask[:, :prompt_len], prompt_positions)]
-    version = read_version()
-    if teacher is not None:
-        with clock.measure("teacher"):
-            decoders.append(_CachedDecoder(teacher, prompt_ids, attention_mask[:, :prompt_len], prompt_positions,
-                                           record_hidden=cfg.teacher_dist == "hidden"))
-
-    # Buffers are filled column by column; torch.empty leaves untouched pages unallocated, so the
-    # [B, max_new, V] exact buffer only costs memory for the steps actually taken.
+    # Buffers are filled a few columns at a time; torch.empty leaves untouched pages unallocated,
+    # so the [B, max_new, V] exact buffer only costs memory for the steps actually taken.
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-    student_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-    versions = torch.zeros(1, max_new, dtype=torch.long, device=device)
-    teacher_buffers = None
+    records = _Records(cfg, batch, max_new, device, read_version)
+
+    def advance(name: str, to: int) -> _Scored:
+        with clock.measure("teacher") if name == "teacher" else contextlib.nullcontext():
+            start = models[name].ready
+            logits, hidden = models[name].advance(to, tokens)
+            return _Scored(name, start, logits, processed_logprobs(logits, cfg), hidden)
+
+    def record(scored: _Scored) -> None:
+        with clock.measure("teacher") if scored.name == "teacher" else contextlib.nullcontext():
+            records.write(scored, tokens)
+
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new):
-        student_all = processed_logprobs(decoders[0].next_logits, cfg)
-        probs = student_all.exp()
-        if teacher is not None:
-            teacher_all = processed_logprobs(decoders[1].next_logits, cfg)
-            probs.lerp_(teacher_all.exp(), cfg.alpha)
+        if coins is not None:
+            scored = [advance("teacher" if coins[step] else "student", step)]
+            probs = scored[0].processed[:, -1].exp()
+        else:
+            scored = [advance("student", step)]
+            probs = scored[0].processed[:, -1].exp()
+            if cfg.alpha > 0:
+                scored.append(advance("teacher", step))
+                probs.lerp_(scored[1].processed[:, -1].exp(), cfg.alpha)
         sampled = sample_categorical(probs, generator)
         sampled.masked_fill_(finished, pad_token_id)
-
         tokens[:, step] = sampled
         response_mask[:, step] = (~finished).float()
-        student_lp[:, step] = student_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        versions[0, step] = version
-        if teacher is not None:
-            with clock.measure("teacher"):
-                record = _teacher_records(decoders[1].next_logits, teacher_all, sampled, cfg,
-                                          decoders[1].next_hidden)
-                if teacher_buffers is None:
-                    teacher_buffers = _allocate_like(record, max_new)
-                _write_column(teacher_buffers, record, step)
-
+        for item in scored:
+            record(item)
         finished |= torch.isin(sampled, eos_ids)
         steps = step + 1
-        if steps == max_new or bool(finished.all()):
+        if bool(finished.all()):
             break
-        mask_now = attention_mask[:, : prompt_len + steps]
-        decoders[0].step(sampled, mask_now, next_position)
-        version = read_version()
-        if teacher is not None:
-            with clock.measure("teacher"):
-                decoders[1].step(sampled, mask_now, next_position)
-        next_position = next_position + 1
-
-    def trim(buffer):
-        return buffer if steps == max_new else buffer[:, :steps].clone()
-
-    teacher_rec = None
-    if teacher_buffers is not None:
-        teacher_rec = _TeacherRecords(**{
-            name: None if buffer is None else trim(buffer) for name, buffer in vars(teacher_buffers).items()
-        })
-    return trim(student_lp), trim(tokens), trim(response_mask), teacher_rec, trim(versions)
+    for name in models:  # catch up: one forward over the positions a model has not scored
+        if models[name].ready < steps:
+            record(advance(name, steps - 1))
+    student_lp, teacher_rec, versions = (_trim(buffer, steps) for buffer in records.buffers())
+    return (student_lp, _trim(tokens, steps), _trim(response_mask, steps), teacher_rec, versions,
+            {name: model.calls for name, model in models.items()})
 
 
-def _allocate_like(record: _TeacherRecords, max_new: int) -> _TeacherRecords:
-    """``[B, max_new, ...]`` buffers for per-step records shaped ``[B, ...]``."""
-    def empty(value):
-        if value is None:
-            return None
-        return torch.empty((value.shape[0], max_new, *value.shape[1:]), dtype=value.dtype, device=value.device)
+@dataclass
+class _Scored:
+    """One model's forward: ``logits``/``processed`` ``[B, n, V]`` (and ``hidden [B, n, d]`` or
+    ``None``) of response positions ``start .. start + n - 1``."""
 
-    return _TeacherRecords(**{name: empty(value) for name, value in vars(record).items()})
-
-
-def _write_column(buffers: _TeacherRecords, record: _TeacherRecords, step: int) -> None:
-    for name, value in vars(record).items():
-        if value is not None:
-            getattr(buffers, name)[:, step] = value
+    name: str
+    start: int
+    logits: torch.Tensor
+    processed: torch.Tensor
+    hidden: torch.Tensor | None
 
 
-def _score_with_teacher(teacher, prompt_ids, prompt_mask, tokens, response_mask, cfg) -> _TeacherRecords:
-    """Teacher records for already-sampled responses from one forward over prompt + response."""
-    recorder = HeadRecorder(teacher) if cfg.teacher_dist == "hidden" else None
-    with recorder or contextlib.nullcontext():
-        teacher_logits = response_logits(teacher, prompt_ids, prompt_mask, tokens, response_mask)
-    # response_logits drops the head's last position (it predicts past the response).
-    hidden = None if recorder is None else recorder.hidden_for(teacher_logits, positions=slice(None, -1))
-    return _teacher_records(teacher_logits, processed_logprobs(teacher_logits, cfg), tokens, cfg, hidden)
+class _Records:
+    """The per-position records, ``[B, max_new(, ...)]``, written as the models score positions."""
+
+    def __init__(self, cfg: SamplingConfig, batch: int, max_new: int, device, read_version: Callable[[], int]):
+        self.cfg, self.max_new, self.read_version = cfg, max_new, read_version
+        self.student_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        self.versions = torch.zeros(1, max_new, dtype=torch.long, device=device)
+        self.teacher: _TeacherRecords | None = None
+
+    def write(self, scored: _Scored, tokens: torch.Tensor) -> None:
+        """Records of ``scored``'s positions; their tokens must be in ``tokens [B, max_new]``."""
+        columns = slice(scored.start, scored.start + scored.logits.shape[1])
+        sampled = tokens[:, columns]
+        if scored.name == "student":
+            self.student_lp[:, columns] = scored.processed.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+            self.versions[0, columns] = self.read_version()
+            return
+        record = _teacher_records(scored.logits, scored.processed, sampled, self.cfg, scored.hidden)
+        if self.teacher is None:
+            self.teacher = _TeacherRecords(**{
+                name: None if value is None else
+                torch.empty((value.shape[0], self.max_new, *value.shape[2:]), dtype=value.dtype, device=value.device)
+                for name, value in vars(record).items()})
+        for name, value in vars(record).items():
+            if value is not None:
+                getattr(self.teacher, name)[:, columns] = value
+
+    def buffers(self) -> tuple[torch.Tensor, _TeacherRecords, torch.Tensor]:
+        return self.student_lp, self.teacher, self.versions
+
+
+def _trim(buffer, steps: int):
+    """``buffer`` (a ``[B, max_new, ...]`` tensor, or :class:`_TeacherRecords` of them) cut to
+    its first ``steps`` columns (a copy, so the rest of the buffer is freed)."""
+    if isinstance(buffer, _TeacherRecords):
+        return _TeacherRecords(**{name: _trim(value, steps) for name, value in vars(buffer).items()})
+    return buffer if buffer is None or steps == buffer.shape[1] else buffer[:, :steps].clone()

@@ -114,6 +114,11 @@ class SamplingConfig:
         "float32", "dtype of the shipped log-probs or hidden states")
     stop_at_eos: bool = option(True, "end a response at EOS; false: responses always run to max_new_tokens "
                                      "(benchmarks against fixed-length systems)")
+    mixing: Literal["lazy", "every_step"] = option(
+        "lazy", "how the mixture is drawn: 'lazy' = a shared Bernoulli(alpha) coin per step picks the model the "
+                "token is drawn from and only that model runs (the other scores the skipped positions in one "
+                "forward later; ~alpha T + 1 teacher forwards per response); 'every_step' = both models at every "
+                "step. Same distribution and records")
 
 
 @dataclass

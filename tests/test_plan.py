@@ -342,3 +342,20 @@ def test_plan_prints_and_applies_the_balance_advice_of_a_measured_run(in_repo, t
 
     assert cli.main(["plan", "--config", STUDENT, "--balance"]) == 2
     assert "--balance sizes the rollout workers from measured rates" in capsys.readouterr().err
+
+
+def test_plan_estimates_rollout_decode_with_the_lazy_cost_model(in_repo, capsys):
+    """The rollout estimate says which mixing it assumes and uses its forward counts: lazy runs the
+    teacher alpha T + 1 - alpha times per batch (0.2 x 256 + 0.8 = 52) instead of T = 256."""
+    assert cli.main(["plan", "--config", STUDENT, "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert ("rollout decode, lazy mixing cost model (sampling.mixing; alpha 0.2, 256 new tokens): per rollout batch "
+            "52.0 teacher + 205.0 student forwards (every step: 256 + 256)") in printed
+    plan = build_plan([STUDENT], [], placeholder_cluster(2, 8))
+    cost = plan["stages"][0]["rollout_cost"]
+    teacher, student = (plan["stages"][0]["models"][m]["num_params"] for m in ("teacher", "student"))
+    assert cost["weight_bytes"]["lazy"] == pytest.approx((52.0 * teacher + 205.0 * student) * 2)  # bf16 workers
+    assert cost["weight_bytes"]["every_step"] == 256 * (teacher + student) * 2
+    every = build_plan([STUDENT], ["sampling.mixing=every_step", "sampling.alpha=0"], placeholder_cluster(2, 8))
+    assert every["stages"][0]["rollout_cost"]["forwards"]["every_step"] == {"teacher": 1.0, "student": 256.0}
+    assert every["stages"][0]["rollout_cost"]["mixing"] == "every_step"

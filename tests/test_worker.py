@@ -294,6 +294,8 @@ def test_generate_refuses_another_policy_version(worker, local_models):
     assert min(report.seconds.values()) >= 0 and report.seconds["decode"] > 0 and report.seconds["teacher"] > 0
     (item,) = take_blocking(store, len(PROMPTS), min_policy_version=6, timeout_s=TIMEOUT_S)
     assert item.policy_version == item.payload.policy_version == 6
+    # Lazy mixing: one model per position, plus the other's catch-up forward after the last.
+    assert sum(report.forward_calls.values()) == item.payload.response_ids.shape[1] + 1
     ray.kill(store)
 
 

@@ -178,6 +178,33 @@ def teacher_signal_bytes(cfg: RunConfig, mode: str, teacher: ModelStats, batch: 
     return batch * sampling.max_new_tokens * per_position
 
 
+def rollout_forwards(alpha: float, new_tokens: int, mixing: str) -> dict[str, float]:
+    """Expected forward calls of each model per rollout batch of ``new_tokens``-token responses.
+
+    ``lazy`` (a shared coin per position picks the model that runs; the other catches up in one
+    forward after the last token unless it drew that token): teacher ``alpha T + 1 - alpha``,
+    student ``(1 - alpha) T + alpha``. ``every_step``: the student ``T``, the teacher ``T`` when
+    ``alpha > 0`` (else one scoring forward)."""
+    if mixing == "lazy":
+        return {"teacher": alpha * new_tokens + 1 - alpha, "student": (1 - alpha) * new_tokens + alpha}
+    return {"teacher": float(new_tokens if alpha > 0 else 1), "student": float(new_tokens)}
+
+
+def rollout_cost(cfg: RunConfig, teacher: ModelStats, student: ModelStats) -> dict[str, Any]:
+    """The decode cost model of one rollout batch: each model's expected forwards under
+    ``sampling.mixing`` and under every-step mixing, and the weight bytes they read (decoding is
+    bound by reading the weights on a GPU: a forward over a few new positions costs about one)."""
+    sampling, dtype = cfg.sampling, DTYPE_BYTES[cfg.model.dtype]
+
+    def weight_bytes(calls: dict[str, float]) -> int:
+        return int((calls["teacher"] * teacher.num_params + calls["student"] * student.num_params) * dtype)
+
+    forwards = {mixing: rollout_forwards(sampling.alpha, sampling.max_new_tokens, mixing)
+                for mixing in ("lazy", "every_step")}
+    return {"mixing": sampling.mixing, "alpha": sampling.alpha, "new_tokens": sampling.max_new_tokens,
+            "forwards": forwards, "weight_bytes": {mixing: weight_bytes(calls) for mixing, calls in forwards.items()}}
+
+
 def teacher_head_bytes(teacher: ModelStats) -> int:
     """The frozen teacher LM head a learner rank holds in ``hidden`` mode: ``4 (V d + V)`` (fp32)."""
     return 4 * teacher.vocab_size * (teacher.head_width + teacher.head_bias)
@@ -372,6 +399,7 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
             mode = resolve_teacher_dist(cfg.sampling.teacher_dist, teacher.logit_transform)
         except ValueError as err:
             raise ValueError(f"{recipe}: {err}") from None
+        rollout = rollout_cost(cfg, teacher, student)
         memory["rollout_worker"] = {"rollout_batch": batch,
                                     "seq_len": cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                                     "dtype": cfg.model.dtype,
@@ -404,6 +432,7 @@ def _train_stage(recipe: str, overrides: list[str], cluster: Cluster, stats_of) 
                                 "gpus": [[list(slot) for slot in group] for group in workers]},
         },
         "memory": memory, "notes": notes,
+        **({"rollout_cost": rollout} if uses_teacher else {}),
         "produces": {str(output / "best"): cfg.model.student, str(output / "sft_best_loss"): cfg.model.student},
         "commands": _train_commands(recipe, list(overrides), cluster, learners, workers),
         "config": cfg,
@@ -499,6 +528,15 @@ def render_text(plan: dict[str, Any]) -> str:
                 signal = memory["teacher_signal"]
                 per_round = ", ".join(f"{mode} {value / GIB:.2f} GiB" for mode, value
                                       in signal["bytes_per_round"].items() if mode != signal["mode"])
+                cost = stage["rollout_cost"]
+                mine, every = cost["forwards"][cost["mixing"]], cost["forwards"]["every_step"]
+                saving = cost["weight_bytes"]["every_step"] / cost["weight_bytes"][cost["mixing"]]
+                lines.append(f"  rollout decode, {cost['mixing']} mixing cost model (sampling.mixing; alpha "
+                             f"{cost['alpha']:g}, {cost['new_tokens']} new tokens): per rollout batch "
+                             f"{mine['teacher']:.1f} teacher + {mine['student']:.1f} student forwards (every step: "
+                             f"{every['teacher']:.0f} + {every['student']:.0f}); weights read "
+                             f"{_gib(cost['weight_bytes'][cost['mixing']])} per batch, {saving:.2f} x fewer than "
+                             f"every step")
                 lines.append(f"  teacher signal: {signal['mode']} ({signal['dtype']}; hidden states are "
                              f"{signal['hidden_width']} wide): {signal['bytes_per_round'][signal['mode']] / GIB:.2f} "
                              f"GiB per round of full-length responses to the learners (other modes: {per_round})")
@@ -516,6 +554,10 @@ def render_text(plan: dict[str, Any]) -> str:
               "(max_prompt_tokens + max_new_tokens) x dtype per model + batch x max_new_tokens x S, the teacher "
               "signal per position: S = vocab x t (exact), d x t (hidden; d = the LM head's input width), "
               "K x (t + 8) + 4 (topk), t = teacher_dist_dtype bytes.",
+              "rollout decode per batch of T = max_new_tokens tokens (memory-bound: a forward reads every weight "
+              "once, over one or a few new positions): lazy mixing runs the teacher alpha T + 1 - alpha times and "
+              "the student (1 - alpha) T + alpha times, every-step mixing both T times; weights read = sum of "
+              "forwards x P x dtype.",
               "teacher signal per round: num_rollouts x max_new_tokens x S; in hidden mode each minillm/kd learner "
               "rank also holds the teacher LM head, 4 x vocab x (d + bias) bytes."]
     return "\n".join(lines)

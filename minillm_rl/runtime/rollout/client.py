@@ -192,15 +192,20 @@ class TakenRound:
 
     def worker_seconds(self, num_workers: int) -> dict[str, float]:
         """``time/worker_<stage>``: each stage's seconds over the round's shards, per worker
-        (summed, divided by ``num_workers``); ``time/worker_busy``: the busiest worker's total."""
+        (summed, divided by ``num_workers``); ``time/worker_busy``: the busiest worker's total;
+        ``time/worker_<model>_forwards``: each model's forward calls per rollout (per shard, mean)."""
         busy = [0.0] * num_workers
         stages: dict[str, float] = {}
+        calls: dict[str, int] = {}
         for worker, report in self.reports:
             busy[worker] += report.busy_seconds
             for stage, seconds in report.seconds.items():
                 stages[stage] = stages.get(stage, 0.0) + seconds
+            for model, count in report.forward_calls.items():
+                calls[model] = calls.get(model, 0) + count
         return {**{f"time/worker_{stage}": seconds / num_workers for stage, seconds in stages.items()},
-                "time/worker_busy": max(busy)}
+                "time/worker_busy": max(busy),
+                **{f"time/worker_{model}_forwards": count / len(self.reports) for model, count in calls.items()}}
 
 
 class RolloutClient:

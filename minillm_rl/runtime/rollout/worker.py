@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,10 +79,12 @@ class ShardReport:
     worker's seconds per stage: ``decode`` (the student's forwards and sampling), ``teacher`` (the
     teacher's forwards and records), ``generate_other`` (padding, copies), ``put`` (serialising
     the rollout into the object store and the replay store accepting it) and ``weight_load``
-    (weight syncs this worker ran since its previous report, i.e. between generations)."""
+    (weight syncs this worker ran since its previous report, i.e. between generations); and the
+    ``forward_calls`` of each model (``student``, ``teacher``) that generated the rollout."""
 
     num_samples: int
     seconds: dict[str, float]
+    forward_calls: dict[str, int] = field(default_factory=dict)
 
     @property
     def busy_seconds(self) -> float:
@@ -209,11 +211,12 @@ class RolloutWorker:
                              f"version {self._policy_version}; sync weights first")
 
     def generate(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig, seed: int,
-                 policy_version_expected: int, timings: dict[str, float] | None = None) -> Rollout:
+                 policy_version_expected: int, timings: dict[str, float] | None = None,
+                 forward_calls: dict[str, int] | None = None) -> Rollout:
         """One teacher-mixed rollout per prompt (``sample_rollouts`` on left-padded prompts with a
         ``torch.Generator`` seeded by ``seed``), tagged with the worker's policy version, which
         is also read at every decode step (``Rollout.token_policy_versions``). ``timings``: gets
-        the sampler's ``decode`` and ``teacher`` seconds.
+        the sampler's ``decode`` and ``teacher`` seconds; ``forward_calls``: each model's forwards.
 
         Raises:
             ValueError: the worker's version is not ``policy_version_expected``, or a prompt is empty.
@@ -226,7 +229,7 @@ class RolloutWorker:
         return sample_rollouts(
             self.student, self.teacher, prompt_ids.to(self.device), prompt_mask.to(self.device), sampling_cfg,
             self.eos_token_id, self.pad_token_id, generator=generator, policy_version=self.policy_version,
-            timings=timings,
+            timings=timings, forward_calls=forward_calls,
         ).to("cpu")
 
     def generate_from_teacher(self, prompt_id_lists: Sequence[Sequence[int]], sampling_cfg: SamplingConfig,
@@ -244,15 +247,16 @@ class RolloutWorker:
         or buffer) tagged with its policy version and ``key`` (a store ignores a key it already
         accepted); returns how many samples it generated and where its time went."""
         started = time.perf_counter()
-        stages = {"decode": 0.0, "teacher": 0.0}
-        rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected, timings=stages)
+        stages, calls = {"decode": 0.0, "teacher": 0.0}, {}
+        rollout = self.generate(prompt_id_lists, sampling_cfg, seed, policy_version_expected, timings=stages,
+                                forward_calls=calls)
         generated = time.perf_counter()
         put_blocking(replay_store, rollout, rollout.policy_version, timeout_s=put_timeout_s,
                      rpc_timeout_s=put_timeout_s, key=key)
         seconds = {**stages, "generate_other": max(generated - started - sum(stages.values()), 0.0),
                    "put": time.perf_counter() - generated, "weight_load": self._load_seconds}
         self._load_seconds = 0.0
-        return ShardReport(rollout.response_ids.shape[0], seconds)
+        return ShardReport(rollout.response_ids.shape[0], seconds, calls)
 
     @torch.no_grad()
     def score_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 0,

@@ -111,8 +111,9 @@ class Rollout(TensorsAsArrays):
     alpha: float
     policy_version: int
     teacher_hidden: torch.Tensor | None = None  # [B, T, d] teacher final hidden states (hidden mode)
-    # [B, T] long: the student weight version whose distribution each token was drawn from, read
-    # from the sampler's caller at every decode step (a weight sync landing mid-generation shows).
+    # [B, T] long: the student weight version behind each token's student log-prob, read from the
+    # sampler's caller after the student forward that scored it (a weight sync landing
+    # mid-generation shows).
     token_policy_versions: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Rollout:

@@ -115,15 +115,17 @@ class Size:
 
 
 SIZES = {
-    # Sized for <= 2.5 hours per table on 2 CPU cores. Healing (built once, cached, shared by both
-    # tables): 589 824 tokens = 288 steps of 8 x 256; measured 26 min (376 tokens/s, idle machine,
-    # held-out NLL 15.82 -> 5.65), planned for 82 min at the 120 tokens/s of a busier machine: inside
-    # the one-time 90-minute budget. The main table then took 136 min for 3 seeds (README).
-    "cpu": Size(num_examples=800, num_test=64, test_seeds=(10, 20, 30), layers=6, heal_tokens=589_824, epochs=3,
+    # The student is the demo's, chosen from the heal frontier (bench/results/frontier/): the 20 teacher
+    # layers of highest block influence, healed for 32 768 tokens (held-out NLL 4.56 -> 3.47, teacher
+    # 2.48; measured 2026-12-06), built once in the user cache and shared with `make demo`. Per-step
+    # cost is about twice the 6-layer student's of 2026-12-05 (the LM head and embeddings are a large
+    # share of a 135M model: 98M against 49M multiply-adds per token), so about 90 minutes per seed
+    # of the main table on an idle machine, every unit well under 40 minutes.
+    "cpu": Size(num_examples=800, num_test=64, test_seeds=(10, 20, 30), layers=20, heal_tokens=32_768, epochs=3,
                 sft_epochs=2, pt_documents=400,
-                # From the per-step times measured on 2026-12-05 (README; SFT 1.6 s/step, KD 3.6, MiniLLM
-                # 11.5) plus start-up, validation and the test; replaced by measured wall times.
-                estimate_minutes={"teacher-test": 4, "sft-init": 10, "sft": 12, "kd": 18, "seqkd": 18, "minillm": 22}),
+                # The 2026-12-05 per-step times of the 6-layer student (SFT 1.6 s/step, KD 3.6, MiniLLM
+                # 11.5) x 2, plus start-up, validation and the test; replaced by measured wall times.
+                estimate_minutes={"teacher-test": 4, "sft-init": 20, "sft": 24, "kd": 36, "seqkd": 36, "minillm": 40}),
     # One large GPU: the whole comparison in minutes (not yet measured on hardware; the unit minutes are guesses).
     "gpu": Size(num_examples=3000, num_test=256, test_seeds=(10, 20, 30, 40, 50), layers=10, heal_tokens=40_000_000,
                 epochs=3, sft_epochs=2, pt_documents=4000,

@@ -91,7 +91,7 @@ install-launch-deps:
 # ~/.cache/minillm_rl, and reused: `init-student --cache`), then `minillm-rl train`: SFT -> MiniLLM
 # with a Ray rollout worker and a DeepSpeed learner, then the held-out test. A re-run starts the demo
 # over (--overwrite deletes the previous demo's runs/smollm2-cpu-demo first).
-DEMO_LAYERS ?= 15
+DEMO_LAYERS ?= 20
 DEMO_HEAL_TOKENS ?= 32768
 demo: install-demo
 	teacher=$$($(PYTHON) -c "from minillm_rl.cli import quiet_progress_bars_off_a_terminal as quiet; quiet(); \

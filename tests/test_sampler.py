@@ -2,7 +2,9 @@
 
 The sampler's records are checked against an independent teacher-forced recomputation (each row
 unpadded, no KV cache, float64 log-softmax), its distribution against an exact enumeration of
-every response with a chi-square test that is also shown to reject a wrong sampler.
+every response with a chi-square test that is also shown to reject a wrong sampler, for both
+mixings (lazy and every-step). Longer than ~400 lines because these checks share the tiny models,
+the ragged prompts and the teacher-forced reference, and test_lazy_sampler.py imports them.
 """
 
 from __future__ import annotations

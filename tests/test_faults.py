@@ -298,8 +298,9 @@ def test_stuck_worker_fails_the_run_with_one_line_and_leaves_no_process(assets, 
     # One message, the run's cause. (It may share a terminal line with the progress bar it interrupted.)
     messages = re.findall(r"minillm-rl: [^\r\n]*", result.stderr)
     assert len(messages) == 1 and re.fullmatch(
-        r"minillm-rl: run failed: rollout-worker-[01]\.generate_into\(round 0, shard [01]\) did not finish within "
-        r"45 s", messages[0]), result.stderr[-3000:]
+        r"minillm-rl: run failed: rank 0: rollout-worker-[01]\.generate_into\(round 0, shard [01]\) did not finish "
+        r"within 45 s \(minillm_rl/\S+:\d+ in \w+\); last good checkpoint: none; tracebacks: \S+rank0\.traceback",
+        messages[0]), result.stderr[-3000:]
 
     def of_this_run(process: psutil.Process) -> bool:
         try:

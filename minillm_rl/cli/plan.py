@@ -506,16 +506,19 @@ def render_text(plan: dict[str, Any]) -> str:
             roles, memory = stage["roles"], stage["memory"]
             learners, workers = roles["learners"], roles["rollout_workers"]
             lines.append(f"  phases {', '.join(stage['phases'])} -> {stage['output_dir']}/best")
-            lines.append(f"  learners: {learners['world_size']} ranks on {learners['nodes']} node(s), GPUs "
-                         f"{_slots(learners['gpus'])}; {learners['deepspeed_config']}")
+            on_gpus = bool(_slots(learners["gpus"]))
+            device = "GPU" if on_gpus else "rank"  # no GPU: each learner rank holds its share in host RAM
+            lines.append(f"  learners: {learners['world_size']} ranks on {learners['nodes']} node(s), "
+                         + (f"GPUs {_slots(learners['gpus'])}" if on_gpus else "on CPU")
+                         + f"; {learners['deepspeed_config']}")
             for phase, mem in memory["learner"].items():
                 offload = " + CPU offload" if mem["offload_optimizer"] or mem["offload_params"] else ""
                 lines.append(f"    {phase}: ZeRO-{mem['zero_stage']} {mem['precision']}{offload}: model states "
-                             f"{_gib(mem['model_state_bytes_per_gpu'])}/GPU"
+                             f"{_gib(mem['model_state_bytes_per_gpu'])}/{device}"
                              + (f", {_gib(mem['model_state_cpu_bytes_per_rank'])} CPU/rank" if offload else "")
                              + f" (P = {stage['models']['student']['num_params']:,} params, "
                              f"largest layer {stage['models']['student']['largest_layer_params']:,})"
-                             + (f" + teacher LM head {_gib(mem['teacher_head_bytes_per_gpu'])}/GPU (fp32)"
+                             + (f" + teacher LM head {_gib(mem['teacher_head_bytes_per_gpu'])}/{device} (fp32)"
                                 if mem.get("teacher_head_bytes_per_gpu") else ""))
             if workers["count"]:
                 shared = {tuple(slot) for group in workers["gpus"] for slot in group}  # a fraction shares GPUs

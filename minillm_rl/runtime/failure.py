@@ -79,7 +79,8 @@ def _one_line(text: str) -> str:
 
 def describe(error: BaseException, rank: int) -> str:
     """What failed and where, in one line (without the checkpoint part)."""
-    what = str(error) if isinstance(error, RunFailed) else f"{type(error).__name__}: {error}"
+    # The run's own failures (RunFailed, its timeouts) already say what failed in their message.
+    what = str(error) if isinstance(error, (RunFailed, TimeoutError)) else f"{type(error).__name__}: {error}"
     return _one_line(f"rank {rank}: {what} ({_where(error)})")
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from minillm_rl.config import ConfigError, RunConfig, load_config
+from minillm_rl.config import ConfigError, RunConfig, build_config, load_config
 
 REQUIRED = ["model.student=student_dir", "model.teacher=teacher_dir", "data.train=train.jsonl"]
 
@@ -90,7 +90,7 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_config(str(dumped), [])
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
-    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert build_config(cfg.to_dict(), "<dict>") == cfg
     assert again.train.optim.betas == (0.8, 0.99)
 
 

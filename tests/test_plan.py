@@ -48,8 +48,9 @@ def in_repo(monkeypatch):
 def opt_plan() -> dict:
     """What `make train-opt13b DRY_RUN=1` prints, as JSON (the Makefile's own command line; `-o
     install`: the packages are installed already, `make test` ran that prerequisite)."""
-    result = subprocess.run(["make", "-s", "-o", "install", "train-opt13b", "DRY_RUN=1", "PLAN_ARGS=--json",
-                             f"PYTHON={sys.executable}"],
+    # --no-print-directory: under `make ci` this make is nested and would print "Entering directory".
+    result = subprocess.run(["make", "-s", "--no-print-directory", "-o", "install", "train-opt13b", "DRY_RUN=1",
+                             "PLAN_ARGS=--json", f"PYTHON={sys.executable}"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout[result.stdout.index("{"):])

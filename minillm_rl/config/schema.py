@@ -310,13 +310,6 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
-        """Convert and validate a nested dict (e.g. a parsed config.yaml)."""
-        from minillm_rl.config.loading import build_config
-
-        return build_config(raw, source)
-
     def check_world_size(self, world_size: int) -> None:
         """Refuse a learner count the round cannot be split over evenly."""
         per_round = world_size * self.train.micro_batch_size

@@ -95,7 +95,7 @@ DEMO_LAYERS ?= 20
 DEMO_HEAL_TOKENS ?= 32768
 demo: install-demo
 	teacher=$$($(PYTHON) -c "from minillm_rl.cli import quiet_progress_bars_off_a_terminal as quiet; quiet(); \
-		from minillm_rl.models import smollm2_teacher; print(smollm2_teacher())") && \
+		from minillm_rl.models import smollm2_teacher; print(smollm2_teacher())" | tail -1) && \
 	student=$$(minillm-rl init-student --teacher $$teacher --layers $(DEMO_LAYERS) --cache \
 		--heal-tokens $(DEMO_HEAL_TOKENS) --heal-instructions sharegpt --heal-reserved-examples 3000 | tee /dev/stderr | tail -1) && \
 	DS_ACCELERATOR=cpu minillm-rl train --config launch/recipes/smollm2-cpu-demo.yaml \

@@ -7,7 +7,6 @@ Started once per run by the coordinator when a phase needs the teacher (``kd``, 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -29,9 +28,6 @@ class RolloutFleet:
         self.rpc_timeout_s = runtime.rpc_timeout_s
         self._ray_started = False
         if runtime.ray_address == "local":
-            # Token authentication, as launch/ray_cluster.sh sets it: Ray's own default, but left
-            # implicit it prints a warning on every run.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=runtime.num_rollout_workers * runtime.worker_threads, include_dashboard=False,
                      log_to_driver=False)
             self._ray_started = True

@@ -1,7 +1,8 @@
 """Model and tokenizer loading (HF dirs, hub names, GGUF), GGUF -> HF conversion, student init.
 
 Everything here returns plain ``transformers`` causal LMs in eval mode; the sampler and the
-learner never see where a model came from.
+learner never see where a model came from. Just over ~400 lines: loading, conversion, pruning
+and the model cache are the one place that knows where models come from and go.
 """
 
 from __future__ import annotations

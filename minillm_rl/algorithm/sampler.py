@@ -9,6 +9,9 @@ about ``alpha T + 1`` teacher forwards per ``T``-token response instead of ``T``
 runs both models at every step and draws from ``p~`` itself. With ``alpha == 0`` both are "the
 student decodes, the teacher scores the finished responses in one forward". The records are the
 same in meaning either way.
+
+Longer than ~400 lines because the decode loop and the records it fills are one contract (the
+``Rollout``) and are read together; the cached forwards live in ``cached_lm.py``.
 """
 
 from __future__ import annotations

@@ -117,10 +117,11 @@ class Size:
 SIZES = {
     # The student is the demo's, chosen from the heal frontier (bench/results/frontier/): the 20 teacher
     # layers of highest block influence, healed for 32 768 tokens (held-out NLL 4.56 -> 3.47, teacher
-    # 2.48; measured 2026-12-06), built once in the user cache and shared with `make demo`. Per-step
-    # cost is about twice the 6-layer student's of 2026-12-05 (the LM head and embeddings are a large
-    # share of a 135M model: 98M against 49M multiply-adds per token), so about 90 minutes per seed
-    # of the main table on an idle machine, every unit well under 40 minutes.
+    # 2.48; measured 2026-12-06), built once in the user cache and shared with `make demo`. Its SFT
+    # step measured 6.5 s (idle, 2026-12-06) against the 6-layer student's 1.6 s: ~4x, not the 2x
+    # the multiply-adds per token suggest (98M against 49M). So a seed of the main table is several
+    # hours here, and KD / SeqKD / MiniLLM units may pass 40 minutes: measure one, and cut epochs or
+    # examples if so, before running the tables.
     "cpu": Size(num_examples=800, num_test=64, test_seeds=(10, 20, 30), layers=20, heal_tokens=32_768, epochs=3,
                 sft_epochs=2, pt_documents=400,
                 # The 2026-12-05 per-step times of the 6-layer student (SFT 1.6 s/step, KD 3.6, MiniLLM

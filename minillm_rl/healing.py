@@ -98,6 +98,11 @@ class HealSettings:
             raise ValueError(f"--heal-eval-every-tokens {self.eval_every_tokens}: expected >= 0 (0: before and after only)")
         torch_dtype(self.teacher_dtype)
 
+    def training_key(self) -> dict[str, Any]:
+        """The settings that decide the healed weights (``eval_every_tokens`` only adds held-out
+        measurements along the way): what a cached student and a resumed checkpoint are keyed by."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "eval_every_tokens"}
+
     @property
     def budget_blocks(self) -> int:
         return self.tokens // self.block_size
@@ -303,7 +308,7 @@ def init_student(teacher_source: str | os.PathLike, num_layers: int | list[int],
         "layers_kept": keep, "layer_selection": selection, "dtype": str(dtype).removeprefix("torch."), "healing": None}
     partial_dir = out_dir.with_name(out_dir.name + ".healing")
     if heal is not None:
-        key = {"teacher": manifest["teacher"], "layers_kept": keep, "settings": dataclasses.asdict(heal),
+        key = {"teacher": manifest["teacher"], "layers_kept": keep, "settings": heal.training_key(),
                "corpus": heal_corpus.summary()}
         manifest["healing"] = heal_student(student, teacher, heal_corpus, heal, (partial_dir / "state.pt", key),
                                            checkpoint_interval_s, log)
@@ -327,9 +332,7 @@ def healed_student(teacher_dir: str | os.PathLike, cache: str | os.PathLike, nam
     ``<name>-<layers>l-<select>-healed-<tokens>tok-<hash of the settings>`` and reused (an
     interrupted build resumes from its checkpoint); a cached student whose manifest does not match
     it is refused (:func:`check_student_manifest`)."""
-    # eval_every_tokens only adds held-out measurements along the way: the same student either way.
-    trained_by = {name: value for name, value in dataclasses.asdict(heal).items() if name != "eval_every_tokens"}
-    key = json.dumps({"teacher": str(teacher_dir), "layers": layers, "select": select, "heal": trained_by,
+    key = json.dumps({"teacher": str(teacher_dir), "layers": layers, "select": select, "heal": heal.training_key(),
                       "corpus": dataclasses.asdict(corpus)}, sort_keys=True)
     student_dir = Path(cache) / (f"{name}-{layers}l-{select}-healed-{heal.tokens}tok-"
                                  f"{hashlib.sha256(key.encode()).hexdigest()[:10]}")

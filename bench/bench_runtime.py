@@ -19,7 +19,7 @@ batch of 8, exactly 128 new tokens per response (EOS disabled), fp32, 2 torch th
   bytes shipped; the balance advice;
 - TRL ``DistillationTrainer`` (trl 1.16, beta = 1: reverse KL; always on-policy) and
   ``MiniLLMTrainer`` (trl 1.14.2, the last release shipping it), each in its own throwaway venv
-  under ``artifacts/venvs/`` (``--system-site-packages``: the installed CPU torch is reused), run by
+  under ``artifacts/venvs/`` (reusing this environment's CPU torch: :func:`venv_python`), run by
   ``bench/trl_runner.py``; alpha 0 (neither offers teacher-mixed sampling).
 
 samples/s = 8 x timed batches (rounds) / their seconds; the first batch of every system is a
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import site
 import subprocess
 import sys
 import tempfile
@@ -135,8 +136,11 @@ def bench_ours(teacher_dir: Path, student_dir: Path, user_turns: list[str], args
 def venv_python(version: str) -> Path:
     """The interpreter of ``artifacts/venvs/trl-<version>``, created with that trl on first use.
 
-    The venv sees the system site-packages, so the installed CPU torch is reused; if pip put a
-    different torch into the venv anyway, that is an error (it would not be the same setting).
+    The venv sees this interpreter's site-packages through a ``.pth`` file (after its own), so the
+    installed CPU torch is reused and pip is held to it by a constraint; ``--system-site-packages``
+    would not do: from inside a virtual environment it points at the base Python's packages, where
+    there is no torch, and pip then pulls a CUDA torch (GBs). If the venv's torch is another one
+    anyway, that is an error (it would not be the same setting).
     """
     venv = VENVS / f"trl-{version}"
     python = venv / "bin" / "python"
@@ -150,13 +154,19 @@ def venv_python(version: str) -> Path:
 
     versions = installed_versions()
     if versions is None or Version(versions[0]) != Version(version):
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}"], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        Path(own, "bench-parent-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        constraints = venv / "constraints.txt"
+        constraints.write_text(f"torch=={torch.__version__}\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), f"trl=={version}"],
+                       check=True)
         versions = installed_versions()
         if versions is None:
             raise RuntimeError(f"{venv}: trl {version} installed but `import trl` fails")
     if versions[1] != torch.__version__:
-        raise RuntimeError(f"{venv}: pip installed torch {versions[1]}, expected the system's {torch.__version__}")
+        raise RuntimeError(f"{venv}: pip installed torch {versions[1]}, expected this environment's {torch.__version__}")
     return python
 
 

@@ -231,6 +231,10 @@ class EvalConfig:
             "SFT weights (sft_best_loss/), what a minillm phase after sft starts from",
         factory=lambda: ["teacher", "sft"])
     side_by_side: int = option(5, "test prompts shown with every model's answer in results.md", low=0)
+    select_initial: bool = option(
+        False, "the MiniLLM phase's starting weights (its SFT init) compete for best/ too, so a run that never "
+               "beats them on validation ends with them; false = the paper's choice among the phase's own "
+               "checkpoints (the starting weights' validation is still run and logged at step 0)")
 
 
 @dataclass

@@ -114,9 +114,11 @@ def validation_rouge(run, engine) -> float | None:
                     generate=generate).rouge_l
 
 
-def select(run, engine, validation_loss: float | None = None) -> dict[str, float]:
+def select(run, engine, validation_loss: float | None = None, selectable: bool = True) -> dict[str, float]:
     """Validation of the current weights: Rouge-L (rank 0) and, for SFT, the given loss; keeps
-    ``sft_best_loss/`` (lowest loss), ``best/`` + ``best.json`` (best Rouge-L of the last phase)."""
+    ``sft_best_loss/`` (lowest loss), ``best/`` + ``best.json`` (best Rouge-L of the last phase).
+    ``selectable=False``: scored and logged only (a phase's starting weights, which are not its
+    checkpoints unless ``eval.select_initial``)."""
     started = time.perf_counter()
     progress = run.progress
     if run.phase_name() != "minillm" or run.exported_version != progress.policy_version:
@@ -133,7 +135,7 @@ def select(run, engine, validation_loss: float | None = None) -> dict[str, float
     if run.is_coordinator:
         record["validation_rouge_l"] = score
         best = progress.best_rouge.get(phase)
-        improved = best is None or score > best["validation_rouge_l"]
+        improved = selectable and (best is None or score > best["validation_rouge_l"])
         if improved:
             progress.best_rouge[phase] = {"step": step, "validation_rouge_l": score}
             if progress.phase_index == len(run.cfg.train.phases) - 1:
@@ -142,9 +144,10 @@ def select(run, engine, validation_loss: float | None = None) -> dict[str, float
         record["time/eval"] = time.perf_counter() - started
         run.metrics.log(phase, step, record)
         loss_text = f"validation loss {validation_loss:.3f}, " if validation_loss is not None else ""
-        best_score = progress.best_rouge[phase]["validation_rouge_l"]
-        log_line(f"{phase} step {step}: {loss_text}validation Rouge-L {score:.2f} "
-                          f"(best {best_score:.2f}{', new best' if improved else ''})")
+        best = progress.best_rouge.get(phase)
+        standing = ("starting weights, not selectable" if not selectable and best is None
+                    else f"best {best['validation_rouge_l']:.2f}{', new best' if improved else ''}")
+        log_line(f"{phase} step {step}: {loss_text}validation Rouge-L {score:.2f} ({standing})")
     return record
 
 

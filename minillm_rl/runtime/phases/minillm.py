@@ -166,7 +166,9 @@ def run_minillm(run: TrainingRun, engine) -> None:
     teacher_head = run.teacher_head(getattr(engine, "device", "cpu"))
     engine.eval()  # as the reference: no dropout during MiniLLM updates
     if progress.phase_step == 0:
-        select(run, engine)  # the initial (SFT) weights compete for best/ too
+        # The starting (SFT) weights: scored for the curve's origin; a candidate for best/ only if
+        # asked (the paper selects among the MiniLLM checkpoints, algorithm.md §6).
+        select(run, engine, selectable=run.cfg.eval.select_initial)
     line = phase_progress(run, num_rounds * steps_per_round, "minillm", "steps")
     profiles: list[dict[str, float]] = []  # this process's rounds, for the balance advice at the end
     for round_index in range(progress.phase_step // steps_per_round, num_rounds):

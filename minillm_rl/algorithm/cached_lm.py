@@ -54,6 +54,13 @@ class CachedLM:
     ``record_hidden`` (the teacher in ``hidden`` mode) also returns the LM head's input behind
     the logits; a model whose logits are not that head's output is refused.
 
+    The KV cache is transformers' ``StaticCache``, preallocated to prompt + response slots: a
+    ``DynamicCache`` concatenates every layer's keys and values at every call, copying the whole
+    cache each time. Measured (``make bench-decode``, 2 cores, batch 8, 64-token prompts, 128
+    steps): a decode step of the 30-layer teacher 113 -> 90 ms, of the 6-layer student 40 -> 35 ms.
+    Every call then passes the whole ``attention_mask`` (the cache's width); slots past the
+    current position are masked by causality.
+
     Args:
         model: an HF causal LM.
         prompt_ids: ``[B, P]`` left-padded prompts.
@@ -81,8 +88,8 @@ class CachedLM:
         ``tokens``: ``[B, >= to]`` the responses so far."""
         if to < self.ready:
             raise ValueError(f"CachedLM.advance: position {to} was scored already ({self.ready} are)")
-        prompt_len, count = self.prompt_ids.shape[1], to + 1 - self.ready
-        inputs = {"attention_mask": self.attention_mask[:, : prompt_len + to], "use_cache": True}
+        count = to + 1 - self.ready
+        inputs = {"attention_mask": self.attention_mask, "use_cache": True}
         self.calls += 1
         if self.cache is None:
             return self._first_call(inputs, to, tokens)
@@ -100,9 +107,9 @@ class CachedLM:
 
     def _first_call(self, inputs: dict, to: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Imported here: the replay store unpickles Rollouts (the sampler) and needs no transformers.
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.attention_mask.shape[1])
         inputs.update(input_ids=torch.cat([self.prompt_ids, tokens[:, :to]], dim=1),
                       position_ids=torch.cat([self.prompt_positions, self.response_positions[:, :to]], dim=1),
                       cache=self.cache)

@@ -14,7 +14,9 @@ batch of 8, exactly 128 new tokens per response (EOS disabled), fp32, 2 torch th
 - ``minillm-rl train`` (the path users run: a Ray rollout worker hosting the teacher, the replay
   store, a DeepSpeed ZeRO-2 learner; MiniLLM phase only, fixed-length responses:
   ``sampling.stop_at_eos: false``) at alpha 0 with ``max_staleness`` 0 and 1 (hidden signal) and 0
-  (exact), and at alpha 0.2 lazy and every-step (``max_staleness`` 0): samples/s over rounds 2..N,
+  (exact), at 1 with the threads split between the roles (``runtime.worker_threads`` +
+  ``runtime.learner_threads`` = ``--threads``), and at alpha 0.2 lazy and every-step (``max_staleness``
+  0): samples/s over rounds 2..N,
   and per round each role's busy and waiting time, the stages, each model's forward calls, and the
   bytes shipped; the balance advice;
 - TRL ``DistillationTrainer`` (trl 1.16, beta = 1: reverse KL; always on-policy) and
@@ -210,12 +212,14 @@ MIXED_EVERY_STEP = Setting(0.2, "every_step", "hidden")
 # The in-process loop at every setting a `minillm-rl train` run uses (same work, same signal), and
 # the (max_staleness, setting) of the `minillm-rl train` runs.
 IN_PROCESS = (ON_POLICY_EXACT, ON_POLICY_HIDDEN, MIXED_LAZY, MIXED_EVERY_STEP)
-TRAIN_RUNS = ((0, ON_POLICY_HIDDEN), (1, ON_POLICY_HIDDEN), (0, ON_POLICY_EXACT), (0, MIXED_LAZY),
-              (0, MIXED_EVERY_STEP))
+# max_staleness 1 runs twice: each role with every thread (they contend while they overlap), and
+# with the threads split between them (runtime.worker_threads + runtime.learner_threads = --threads).
+TRAIN_RUNS = ((0, ON_POLICY_HIDDEN, False), (1, ON_POLICY_HIDDEN, False), (1, ON_POLICY_HIDDEN, True),
+              (0, ON_POLICY_EXACT, False), (0, MIXED_LAZY, False), (0, MIXED_EVERY_STEP, False))
 
 
-def train_label(max_staleness: int, setting: Setting) -> str:
-    return f"minillm-rl train, max_staleness={max_staleness}, {setting}"
+def train_label(max_staleness: int, setting: Setting, split: bool = False) -> str:
+    return f"minillm-rl train, max_staleness={max_staleness}, {setting}" + (", threads split" if split else "")
 
 
 def in_process_label(setting: Setting) -> str:
@@ -242,16 +246,16 @@ def shown(value: float | None, target: float | None = None, below: bool = False)
     return f"{value:.2f} ({'met' if met else 'not met'})"
 
 
-def trl_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, dict],
+def trl_table(train: dict[tuple[int, Setting, bool], dict], in_process: dict[Setting, dict],
               trl_results: dict[str, dict]) -> str:
     """At alpha = 0 (what TRL offers): each of our rows with its samples/s, its ratio to each TRL
     trainer (target in the header, met or not) and, for a `minillm-rl train` run, the in-process
     loop's round time at the same setting over its own (issue 28's target: <= 1.10)."""
     usable = [(label, trl_results[label], target) for label, _, _, target, _ in TRL_SYSTEMS
               if label in trl_results and "error" not in trl_results[label]]
-    header = ("| system | samples/s | " + " | ".join(
-        f"ours / {label.split(' (')[0].removeprefix('TRL ')} (target >= {target})" for label, _, target in usable)
-        + " | round / in-process batch, same setting (target <= 1.10) |")
+    header = "| " + " | ".join(["system", "samples/s", *(
+        f"ours / {label.split(' (')[0].removeprefix('TRL ')} (target >= {target})" for label, _, target in usable),
+        "round / in-process batch, same setting (target <= 1.10)"]) + " |"
     rows = [header, "|" + "---|" * (3 + len(usable))]
 
     def row(label: str, result: dict, same_in_process: dict | None) -> str:
@@ -259,9 +263,9 @@ def trl_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, 
         return (f"| {label} | {rate(result)} | " + " | ".join(cells) + (" | " if cells else "")
                 + f"{shown(ratio(same_in_process, result), 1.10, below=True)} |")
 
-    for (max_staleness, setting), result in train.items():
+    for (max_staleness, setting, split), result in train.items():
         if setting.alpha == 0:
-            rows.append(row(train_label(max_staleness, setting), result, in_process.get(setting)))
+            rows.append(row(train_label(max_staleness, setting, split), result, in_process.get(setting)))
     for setting, result in in_process.items():
         if setting.alpha == 0:
             rows.append(row(in_process_label(setting), result, None))
@@ -271,15 +275,15 @@ def trl_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, 
     return "\n".join(rows)
 
 
-def mixed_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting, dict]) -> str:
+def mixed_table(train: dict[tuple[int, Setting, bool], dict], in_process: dict[Setting, dict]) -> str:
     """At alpha = 0.2: lazy against every-step mixing, through `minillm-rl train` and in process."""
     rows = ["| mixing | `minillm-rl train` samples/s | in-process samples/s | round / in-process batch "
             "(target <= 1.10) | lazy / every step (train) | lazy / every step (in process) |",
             "|---|---|---|---|---|---|"]
     for setting in (MIXED_LAZY, MIXED_EVERY_STEP):
-        run, local = train.get((0, setting)), in_process.get(setting)
+        run, local = train.get((0, setting, False)), in_process.get(setting)
         lazy = setting is MIXED_LAZY
-        speedups = ([shown(ratio(run, train.get((0, MIXED_EVERY_STEP)))),
+        speedups = ([shown(ratio(run, train.get((0, MIXED_EVERY_STEP, False)))),
                      shown(ratio(local, in_process.get(MIXED_EVERY_STEP)))] if lazy else ["", ""])
         rows.append(f"| {setting} | {rate(run)} | {rate(local)} | {shown(ratio(local, run), 1.10, below=True)} | "
                     + " | ".join(speedups) + " |")
@@ -287,7 +291,7 @@ def mixed_table(train: dict[tuple[int, Setting], dict], in_process: dict[Setting
 
 
 def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_staleness: int, setting: Setting,
-                 args) -> dict:
+                 args, split: bool = False) -> dict:
     """A MiniLLM-only ``minillm-rl train`` recipe at the benchmark's settings: the demo's shape
     (1 Ray rollout worker, 1 DeepSpeed ZeRO-2 learner), fixed-length responses like the others."""
     return {
@@ -300,43 +304,45 @@ def train_recipe(teacher_dir: Path, student_dir: Path, out_dir: Path, max_stalen
         "train": {"phases": ["minillm"], "num_rollouts": args.batch_size, "ppo_epochs": 1,
                   "micro_batch_size": args.batch_size, "total_steps": args.train_rounds,
                   "eval_interval": 10**6, "optim": {"lr": args.lr, "warmup_steps": 0}},
-        "runtime": {"num_learners": 1, "num_rollout_workers": 1, "worker_threads": args.threads,
+        "runtime": {"num_learners": 1, "num_rollout_workers": 1,
+                    "worker_threads": max(1, args.threads // 2) if split else args.threads,
+                    "learner_threads": max(1, args.threads - args.threads // 2) if split else 0,
                     "max_staleness": max_staleness, "deepspeed_config": "ds_configs/zero2_fp32_cpu.json"},
         "output": {"dir": str(out_dir), "report_to": []},
     }
 
 
-def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[tuple[int, Setting], dict], str]:
+def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[tuple[int, Setting, bool], dict], str]:
     """``minillm-rl train`` for each of :data:`TRAIN_RUNS`: samples/s over rounds 2..N (round 1
     loads and warms caches), and the per-round profile of each role.
 
-    Returns ``{(max_staleness, setting): {"samples_per_s", "rounds", "advice"} or {"error"}}`` and
-    the markdown section.
+    Returns ``{(max_staleness, setting, split): {"samples_per_s", "rounds", "advice"} or {"error"}}``
+    and the markdown section.
     """
     from minillm_rl.runtime.balance import advice_from_run
 
-    results: dict[tuple[int, Setting], dict] = {}
+    results: dict[tuple[int, Setting, bool], dict] = {}
     lines = ["| run | round | worker decode / teacher / put / weight load s | worker forwards student / teacher | "
              "worker busy s | learner learn / transfer / sync s | learner busy s | learner wait s | round s | "
              "round / slower role | MiB shipped |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for max_staleness, setting in TRAIN_RUNS:
-        label = train_label(max_staleness, setting)
+    for max_staleness, setting, split in TRAIN_RUNS:
+        label = train_label(max_staleness, setting, split)
         out_dir = Path(tempfile.mkdtemp(prefix=f"bench-train-{max_staleness}-"))
         recipe = out_dir / "recipe.yaml"  # JSON is YAML
         recipe.write_text(json.dumps(train_recipe(teacher_dir, student_dir, out_dir / "run", max_staleness,
-                                                  setting, args)))
+                                                  setting, args, split)))
         command = [sys.executable, "-m", "minillm_rl.cli", "train", "--config", str(recipe)]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
         print(f"{label}: running", flush=True)
         finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, check=False)
         if finished.returncode:
             tail = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-            results[(max_staleness, setting)] = {"error": f"exit {finished.returncode}: {tail}"}
+            results[(max_staleness, setting, split)] = {"error": f"exit {finished.returncode}: {tail}"}
             continue
         records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in records if r.get("stage") == "minillm" and "time/round" in r]
-        short = f"s={max_staleness} {setting}"
+        short = f"s={max_staleness} {setting}" + (" split" if split else "")
         for r in rounds:
             slower = max(r["time/worker_busy"], r["time/learner_busy"])
             lines.append(
@@ -349,13 +355,13 @@ def bench_train(teacher_dir: Path, student_dir: Path, args) -> tuple[dict[tuple[
                 f"{r['time/round'] / slower:.2f} | {r['rollout_bytes'] / 2**20:.2f} |")
         timed = rounds[1:]
         advice, _ = advice_from_run(out_dir / "run")
-        results[(max_staleness, setting)] = {
+        results[(max_staleness, setting, split)] = {
             "samples_per_s": args.batch_size * len(timed) / sum(r["time/round"] for r in timed),
             "rounds": rounds, "advice": advice.summary(1)}
-        print(f"{label}: {results[(max_staleness, setting)]['samples_per_s']:.3f} samples/s", flush=True)
+        print(f"{label}: {results[(max_staleness, setting, split)]['samples_per_s']:.3f} samples/s", flush=True)
     section = "\n".join(lines)
-    for (max_staleness, setting), result in results.items():
-        section += (f"\n\n{train_label(max_staleness, setting)}: "
+    for (max_staleness, setting, split), result in results.items():
+        section += (f"\n\n{train_label(max_staleness, setting, split)}: "
                     + (result.get("error") or f"balance: {result['advice']}"))
     return results, section
 

@@ -87,3 +87,23 @@ def test_advice_from_a_run_directory(tmp_path):
         advice_from_run(tmp_path)
     with pytest.raises(ValueError, match=r"config\.yaml: not found"):
         advice_from_run(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("staleness, worker_threads, learner_threads, warned", [
+    (1, 2, 2, True),    # 4 threads overlapping on 2 cores
+    (1, 1, 1, False),   # the cores split between the roles
+    (0, 2, 2, False),   # on-policy: the roles take turns
+])
+def test_overlapped_roles_that_oversubscribe_the_cores_are_warned_about(monkeypatch, capsys, staleness,
+                                                                       worker_threads, learner_threads, warned):
+    from minillm_rl.config import RunConfig
+    from minillm_rl.runtime.rollout import fleet
+
+    monkeypatch.setattr(fleet.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(fleet.torch.cuda, "is_available", lambda: False)
+    cfg = RunConfig()
+    cfg.runtime.max_staleness, cfg.runtime.worker_threads = staleness, worker_threads
+    cfg.runtime.learner_threads = learner_threads
+    fleet.warn_if_overlapped_roles_contend(cfg)
+    out = capsys.readouterr().out
+    assert ("ask for 4 threads on 2 cores" in out) is warned, out

@@ -251,6 +251,10 @@ class RuntimeConfig:
     replay_max_samples: int = option(1024, "rollouts the replay store holds at most", low=1)
     replay_max_bytes: int = option(16 * 2**30, "bytes the replay store holds at most", low=1)
     worker_threads: int = option(2, "CPU threads (and Ray CPUs) per rollout worker", low=1)
+    learner_threads: int = option(
+        0, "CPU threads (torch.set_num_threads) of each learner rank; 0 = torch's default (every core it sees). "
+           "With max_staleness >= 1 on one CPU machine the learners compute while the workers generate: give "
+           "the two roles disjoint shares of the cores (2 cores: worker_threads 1, learner_threads 1)", low=0)
     worker_gpus: float = option(0.0, "GPUs each rollout worker asks Ray for (0 = CPU actors); a fraction "
                                      "0 < x < 1 packs several actors on one GPU, above 1 whole GPUs only",
                                 low=0.0)

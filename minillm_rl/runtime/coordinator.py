@@ -111,6 +111,8 @@ def run_training(cfg: RunConfig, resume: str | None = None, inputs: RunInputs | 
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    if cfg.runtime.learner_threads:
+        torch.set_num_threads(cfg.runtime.learner_threads)
     rank, world_size = init_distributed(cfg.runtime.collective_timeout_s)
     # Handlers go in before start-up, so a signal during it is acted on at the first step boundary.
     with PreemptionSignals(announce=rank == 0, world_size=world_size,

@@ -122,13 +122,15 @@ def bench_ours(teacher_dir: Path, student_dir: Path, user_turns: list[str], args
         turns = user_turns[batch * args.batch_size : (batch + 1) * args.batch_size]
         prompt_ids, prompt_mask = left_padded_chat_prompts(tokenizer, turns)
         started = time.perf_counter()
+        timings: dict[str, float] = {}  # the sampler's decode / teacher seconds, as a worker reports them
         # eos_token_id=None: every response runs the full new_tokens (TRL: min_new_tokens).
         rollout = sample_rollouts(student, teacher, prompt_ids, prompt_mask, sampling, eos_token_id=None,
-                                  pad_token_id=tokenizer.pad_token_id, generator=generator)
+                                  pad_token_id=tokenizer.pad_token_id, generator=generator, timings=timings)
         sampled = time.perf_counter()
         ppo_round(engine, rollout, sampling, AdvantageConfig(), MiniLLMLossConfig(), ppo_epochs=1,
                   micro_batch_size=args.batch_size, generator=generator, teacher_head=teacher_head)
-        stages.append({"rollout": sampled - started, "learn": time.perf_counter() - sampled,
+        stages.append({"rollout": sampled - started, "decode": timings.get("decode", 0.0),
+                       "teacher": timings.get("teacher", 0.0), "learn": time.perf_counter() - sampled,
                        "length": rollout.response_mask.sum(-1).mean().item()})
     timed = stages[1:]
     seconds = sum(stage["rollout"] + stage["learn"] for stage in timed)
@@ -398,8 +400,8 @@ def main(argv=None) -> None:
                                               row.teacher_dist)
         print(f"{in_process_label(row)}, per batch (first = warm-up):")
         for index, stage in enumerate(result["stages"]):
-            print(f"  batch {index}: rollout {stage['rollout']:.1f} s, learn {stage['learn']:.1f} s, "
-                  f"mean response length {stage['length']:.0f}")
+            print(f"  batch {index}: rollout {stage['rollout']:.1f} s (decode {stage['decode']:.1f}, teacher "
+                  f"{stage['teacher']:.1f}), learn {stage['learn']:.1f} s, mean response length {stage['length']:.0f}")
         print(f"{in_process_label(row)}: {result['samples_per_s']:.3f} samples/s", flush=True)
 
     train, train_section = ({}, "") if args.skip_train else bench_train(teacher_dir, student_dir, args)

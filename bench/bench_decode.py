@@ -103,8 +103,7 @@ def main(argv=None) -> None:
                 first = prompt_s + sum(seconds[: args.warmup_steps])  # includes compilation when compiled
                 measured[way] = (per_step, first, tokens)
                 base_step, base_first, base_tokens = measured["dynamic eager"]
-                saved = base_step - per_step
-                extra = first - (base_first if way != "dynamic eager" else first)
+                saved, extra = base_step - per_step, first - base_first
                 payback = ("-" if way == "dynamic eager" else "at once" if extra <= 0 and saved >= 0
                            else f"{extra / saved:.0f}" if saved > 0 else "never")
                 rows.append(f"| {name} | {batch} | {way} | {1000 * per_step:.1f} | {per_step / base_step:.2f} | "

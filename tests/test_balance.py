@@ -107,3 +107,28 @@ def test_overlapped_roles_that_oversubscribe_the_cores_are_warned_about(monkeypa
     fleet.warn_if_overlapped_roles_contend(cfg)
     out = capsys.readouterr().out
     assert ("ask for 4 threads on 2 cores" in out) is warned, out
+
+
+def test_learner_threads_are_set_before_the_learner_starts(monkeypatch):
+    import torch
+
+    from minillm_rl.config import RunConfig
+    from minillm_rl.runtime import coordinator
+
+    class Started(Exception):
+        pass
+
+    def stop(timeout_s):
+        raise Started(torch.get_num_threads())
+
+    monkeypatch.setattr(coordinator, "init_distributed", stop)
+    cfg = RunConfig()
+    cfg.runtime.learner_threads = 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so a learner that ignored the setting would show 2, on any machine
+    try:
+        with pytest.raises(Started) as started:
+            coordinator.run_training(cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert started.value.args == (1,)

@@ -26,14 +26,14 @@ def warn_if_overlapped_roles_contend(cfg: RunConfig) -> None:
     if runtime.max_staleness < 1 or runtime.ray_address != "local" or runtime.worker_gpus or torch.cuda.is_available():
         return
     cores = len(os.sched_getaffinity(0))
-    threads = (runtime.num_rollout_workers * runtime.worker_threads
-               + runtime.num_learners * (runtime.learner_threads or torch.get_num_threads()))
+    learner_threads = runtime.learner_threads or torch.get_num_threads()
+    threads = runtime.num_rollout_workers * runtime.worker_threads + runtime.num_learners * learner_threads
     if threads > cores:
         log_line(f"warning: max_staleness {runtime.max_staleness} overlaps generation with learning, but "
                  f"{runtime.num_rollout_workers} rollout worker(s) x {runtime.worker_threads} thread(s) and "
-                 f"{runtime.num_learners} learner rank(s) x {runtime.learner_threads or torch.get_num_threads()} "
-                 f"thread(s) ask for {threads} threads on {cores} cores: the roles will stall each other; split the "
-                 f"cores with runtime.worker_threads and runtime.learner_threads")
+                 f"{runtime.num_learners} learner rank(s) x {learner_threads} thread(s) ask for {threads} threads "
+                 f"on {cores} cores: the roles will stall each other; split the cores with runtime.worker_threads "
+                 f"and runtime.learner_threads")
 
 
 class RolloutFleet:

@@ -434,6 +434,9 @@ def test_cached_lm_scores_several_positions_as_one_at_a_time(arch):
 
     one_at_a_time, stepped = scored(list(range(MAX_NEW)))
     assert one_at_a_time.head is not None
+    scored_once, whole = scored([MAX_NEW - 1])  # e.g. the teacher at alpha 0: no head copy made
+    assert scored_once.head is None
+    torch.testing.assert_close(whole, expected, rtol=0, atol=1e-10)
     _, chunked = scored([2, 3, 6, MAX_NEW - 1])  # a first call over prompt + 2 tokens, then 1, 3, 1 new
     torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-10)

@@ -46,10 +46,14 @@ class CachedLM:
 
     On CPU the LM head of a decode step is a ``[B, H] x [H, V]`` product bound by reading the
     weight; against a transposed contiguous copy of the head it measured 1.5x faster than
-    ``F.linear`` (17.5 -> 11.7 ms for a 49k x 576 head at batch 8). So after the first call, which
-    runs the whole model, later calls run the base model and this head copy, provided the first
-    call's logits are reproduced from its last hidden states (a model whose logits are not a plain
-    linear map of them, e.g. with soft-capping, keeps the whole-model path).
+    ``F.linear`` (17.5 -> 11.7 ms for a 49k x 576 head at batch 8). So the second call, which runs
+    the whole model, also makes that copy, and calls after it run the base model and the copy,
+    provided the second call's logits are reproduced from its last hidden states (a model whose
+    logits are not a plain linear map of them, e.g. with soft-capping, keeps the whole-model path).
+    Not the first call: a model scored once (the teacher at ``alpha = 0``: one forward after
+    decoding) would pay for the copy and for that check over every response position, which
+    measured 30 % of the teacher's time in a rollout (8 x 128 tokens); at the second call the check
+    covers the few positions it scores.
 
     ``record_hidden`` (the teacher in ``hidden`` mode) also returns the LM head's input behind
     the logits; a model whose logits are not that head's output is refused.
@@ -97,9 +101,12 @@ class CachedLM:
         inputs.update(input_ids=tokens[:, unseen], position_ids=self.response_positions[:, unseen], cache=self.cache)
         self.ready = to + 1
         if self.head is None:
+            derive_head = self.calls == 2 and self.prompt_ids.device.type == "cpu"
             with self.recorder or contextlib.nullcontext():
-                logits = self.model(**inputs, logits_to_keep=count).logits
-            return logits, None if self.recorder is None else self.recorder.hidden_for(logits)
+                out = self.model(**inputs, logits_to_keep=count, output_hidden_states=derive_head)
+            if derive_head:
+                self.head = _transposed_head(self.model, out.hidden_states[-1][:, -count:], out.logits)
+            return out.logits, None if self.recorder is None else self.recorder.hidden_for(out.logits)
         weight_t, bias = self.head
         hidden = self.model.base_model(**inputs).last_hidden_state
         logits = hidden @ weight_t
@@ -113,14 +120,10 @@ class CachedLM:
         inputs.update(input_ids=torch.cat([self.prompt_ids, tokens[:, :to]], dim=1),
                       position_ids=torch.cat([self.prompt_positions, self.response_positions[:, :to]], dim=1),
                       cache=self.cache)
-        on_cpu = self.prompt_ids.device.type == "cpu"
         with self.recorder or contextlib.nullcontext():
-            out = self.model(**inputs, logits_to_keep=to + 1, output_hidden_states=on_cpu)
-        hidden = None if self.recorder is None else self.recorder.hidden_for(out.logits)
-        if on_cpu:
-            self.head = _transposed_head(self.model, out.hidden_states[-1][:, -(to + 1):], out.logits)
+            logits = self.model(**inputs, logits_to_keep=to + 1).logits
         self.ready = to + 1
-        return out.logits, hidden
+        return logits, None if self.recorder is None else self.recorder.hidden_for(logits)
 
 
 def _transposed_head(model, hidden: torch.Tensor, logits: torch.Tensor):

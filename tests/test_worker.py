@@ -34,6 +34,7 @@ from minillm_rl.runtime.rollout.worker import (
     call_with_timeout,
     make_rollout_worker,
 )
+from minillm_rl.runtime import weights
 from minillm_rl.runtime.weights import WeightPayload, iter_buckets, load_payload, payload_checksum, state_dict_payload
 
 # One xdist group (make test: --dist loadgroup): its tests share one Ray instance and its worker actor.
@@ -92,6 +93,27 @@ def test_tied_head_is_sent_once_and_checksum_is_stable():
     flipped["model.norm.weight"][3] = torch.nextafter(flipped["model.norm.weight"][3], torch.tensor(10.0))
     assert payload_checksum(WeightPayload(flipped, payload.aliases)) != checksum
     assert payload_checksum(WeightPayload(payload.tensors, {})) != checksum  # the tie is part of it
+
+
+def test_checksum_of_chunked_tensors_sees_every_chunk_and_not_the_thread_count(monkeypatch):
+    """Tensors over a chunk are hashed chunk by chunk on threads: a flipped byte in any chunk
+    (the last, partial one included) changes the checksum, the thread count does not, and
+    splitting the same bytes into other shapes does (the shape is hashed)."""
+    monkeypatch.setattr(weights, "DIGEST_CHUNK_BYTES", 64)
+    tensors = {"a": torch.randn(50), "b": torch.randn(7, 9), "c": torch.randn(3)}  # 200 B: 4 chunks
+    previous_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = payload_checksum(tensors)
+        torch.set_num_threads(2)
+        assert payload_checksum(tensors) == one_thread
+    finally:
+        torch.set_num_threads(previous_threads)
+    for position in (0, 20, 49):  # first, middle and last (partial) chunk of "a"
+        flipped = {**tensors, "a": tensors["a"].clone()}
+        flipped["a"][position] = torch.nextafter(flipped["a"][position], torch.tensor(10.0))
+        assert payload_checksum(flipped) != one_thread
+    assert payload_checksum({**tensors, "b": tensors["b"].reshape(9, 7)}) != one_thread
 
 
 def test_buckets_are_bounded_and_reassemble_the_payload():

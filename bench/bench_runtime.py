@@ -65,8 +65,8 @@ VENVS = ARTIFACTS / "venvs"
 STUDENT_LAYERS = 6
 # (label, trl_runner trainer, trl version, target ratio ours/it (issue 28), samples/s measured here earlier)
 TRL_SYSTEMS = (
-    ("TRL MiniLLMTrainer (trl 1.14.2)", "minillm", "1.14.2", 1.5, 0.386),
-    ("TRL DistillationTrainer (trl 1.16)", "distillation", "1.16", 1.3, 0.494),
+    ("TRL MiniLLMTrainer (trl 1.14.2)", "minillm", "1.14.2", 1.5, 0.589),
+    ("TRL DistillationTrainer (trl 1.16)", "distillation", "1.16", 1.3, 0.770),
 )
 
 

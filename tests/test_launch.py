@@ -159,9 +159,18 @@ def test_ray_cluster_wait_times_out_instead_of_hanging():
 def test_slurm_script_puts_learners_and_ray_on_disjoint_gpus(tmp_path):
     """The batch script's placement on a 2-node x 8-GPU job, with srun / scontrol / ray_cluster.sh
     replaced by stubs that print what they were asked to run."""
+    # srun appends to a log; `ray_cluster.sh wait N` returns once N Ray steps are in it, as the real
+    # one returns once N nodes are alive. (Without that wait the script's exit trap could kill a
+    # background step before it ran: the test then saw one Ray step, on a loaded CI machine.)
+    log = tmp_path / "srun.log"
     stubs = {"bin/scontrol": 'if [ "$1" = show ]; then printf "gpu-a\\ngpu-b\\n"; else echo "scontrol $*"; fi',
-             "bin/srun": 'echo "srun $*"',
-             "launch/ray_cluster.sh": 'if [ "$1" = address ]; then echo 10.0.0.1:4321; else echo "ray_cluster $*"; fi'}
+             "bin/srun": f'echo "srun $*" >> {log}',
+             "launch/ray_cluster.sh": f"""case "$1" in
+  address) echo 10.0.0.1:4321 ;;
+  wait) echo "ray_cluster $*"; for i in $(seq 300); do
+          [ "$(grep -c -- --overlap {log} 2>/dev/null)" -ge "$2" ] && exit 0; sleep 0.1; done; exit 1 ;;
+  *) echo "ray_cluster $*" ;;
+esac"""}
     for name, body in stubs.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
@@ -173,7 +182,7 @@ def test_slurm_script_puts_learners_and_ray_on_disjoint_gpus(tmp_path):
     result = subprocess.run(["bash", str(LAUNCH / "slurm_minillm.sbatch"), "recipe.yaml", "train.seed=2"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    srun = [line.split() for line in result.stdout.splitlines() if line.startswith("srun ")]
+    srun = [line.split() for line in log.read_text().splitlines()]
     # The Ray steps run in the background, so their stub lines may come in either order.
     ray_steps = [args for args in srun if "--overlap" in args]
     roles = {args[args.index("-w") + 1]: args[args.index("RAY_FOREGROUND=1") + 2] for args in ray_steps}

@@ -32,8 +32,11 @@ committed; layout in ``bench/results/README.md``): the teacher's test answers an
 seed (every student's test is judged against those answers), a seed's SFT init for MiniLLM (with a
 test of the checkpoint MiniLLM starts from: a reference row), and one method x seed (its training
 and its test together, since a checkpoint lost with a session cannot be tested later). Each holds
-the settings it depends on, the resolved run config, the student's manifest identity, the
-per-prompt (and per test seed) metrics, commit, wall time and machine. Only units without a result
+the settings it depends on, the resolved run config, the student's manifest identity (its weights
+included), the per-prompt (and per test seed) metrics, commit, wall time and machine. The settings
+name the student by its recipe: the same recipe on another CPU gives other bits, and a rebuilt
+student is accepted when its held-out NLL after healing agrees within 1e-3 nats (see
+:data:`quality_units.STUDENT_NLL_TOLERANCE`). Only units without a result
 file run — teacher units first, then seed 1 of every method, then seed 2, ... — and an existing
 result of other settings stops the run (one line). ``--budget-minutes N`` starts no unit whose
 measured cost (the longest wall time of its kind among the result files, or the size's stated
@@ -68,6 +71,7 @@ from quality_units import (  # noqa: E402
     RECIPE,
     Evaluator,
     build_units,
+    check_student_builds,
     exclusive,
     plan_settings,
     run_status,
@@ -344,9 +348,11 @@ def run_plan(args: argparse.Namespace, size: Size, budget_started: float) -> Non
         print(f"{run.name:<56} {run.run_dir.name:<34} {run_status(run.run_dir):<6} {sequences} sequences  "
               f"{' '.join(run.overrides[:-1])}", flush=True)
     evaluate = Evaluator(args.teacher, test, base, tuple(args.test_seeds))
-    settings = plan_settings(args, args.size, sets, evaluate.seeds, student_identity(args.student))
+    student = student_identity(args.student)
+    settings = plan_settings(args, args.size, sets, evaluate.seeds, student)
     units = build_units(args, size, runs, run_args, evaluate, args.out / "logs", settings)
     try:
+        check_student_builds([unit.result_path for unit in units if unit.result_path.is_file()], student)
         summary = run_units(units, args.budget_minutes, dry_run=args.dry_run, budget_started=budget_started,
                             log=lambda line: print(f"bench-quality: {line}", flush=True))
     except ValueError as err:  # a corrupt result file, or one of other settings: one line, nothing run

@@ -130,6 +130,45 @@ def student_identity(student: str) -> dict | None:
     return None if manifest is None else {key: value for key, value in manifest.items() if key != "format"}
 
 
+# A healed student is rebuilt from its recipe on each machine (the user cache does not travel), and
+# the same recipe does not give the same bits on another CPU: the teacher's forward rounds
+# differently with AVX-512 and AVX2 kernels (the unhealed pruned student's held-out NLL already
+# differs at 1e-5). So the plan's settings name the student by its recipe, each result records the
+# weights it used (``student.weights``), and a student of that recipe is the same one only if its
+# held-out NLL after healing agrees within this tolerance (nats/token): rounding moves it ~1e-5, a
+# change of what healing does moves it by far more.
+STUDENT_NLL_TOLERANCE = 1e-3
+
+
+def student_recipe(student: dict | None, path: str) -> dict | str:
+    """What makes a student what it is, up to floating-point rounding: the layers kept and how they
+    were chosen, the teacher's shape, dtype, and the healing settings and corpus (``student``: its
+    :func:`student_identity`); the directory's name for a student without a manifest."""
+    if not student:
+        return Path(path).name
+    healing, selection, teacher = (student.get(key) or {} for key in ("healing", "layer_selection", "teacher"))
+    return {"teacher": {key: teacher.get(key) for key in ("architecture", "num_layers")},
+            "layers_kept": student.get("layers_kept"), "selection": selection.get("rule"),
+            "selection_measured_on": selection.get("measured_on"), "dtype": student.get("dtype"),
+            "healing": {key: healing.get(key) for key in ("settings", "corpus", "tokens_budget")}}
+
+
+def check_student_builds(paths: list[Path], student: dict | None) -> None:
+    """Refuse (one-line ``ValueError``) a result in ``paths`` whose student has a held-out NLL after
+    healing more than :data:`STUDENT_NLL_TOLERANCE` from ``student``'s: the same recipe built by
+    other code. (Another recipe is refused by the settings check.)"""
+    def nll(identity: dict | None):
+        return (((identity or {}).get("healing") or {}).get("held_out_nll") or {}).get("student_after")
+
+    planned = nll(student)
+    for path in paths:
+        recorded = nll((read_result(path) or {}).get("student"))
+        if planned is not None and recorded is not None and abs(recorded - planned) > STUDENT_NLL_TOLERANCE:
+            raise ValueError(f"{path}: made with a student whose held-out NLL after healing was {recorded:.6f}, "
+                             f"this one's is {planned:.6f} (tolerance {STUDENT_NLL_TOLERANCE:g}): not the same "
+                             "student up to rounding; delete the results to re-run them with this one")
+
+
 class Evaluator:
     """``minillm-rl eval``'s library path in this process under the size's test protocol; every
     student is judged against the teacher's answers of the teacher units (``teacher_samples``:
@@ -162,9 +201,7 @@ def plan_settings(args, size_name: str, sets: list[str], test_seeds: tuple[int, 
     """What every unit's result depends on besides its own method and seed, without machine-specific
     paths: the recipe (``bench_quality.yaml``, parsed), the size, data, budget, test seeds, ``--set``
     overrides (``runtime.*`` aside: where and how the work runs, not what it computes), PT corpus,
-    and the models (the student by its weights)."""
-    weights = (student or {}).get("weights")
-    student_key = {name: entry["sha256"] for name, entry in weights.items()} if weights else Path(args.student).name
+    and the models (the student by its recipe: :func:`student_recipe`)."""
     return {"recipe": yaml.safe_load(RECIPE.read_text(encoding="utf-8")), "size": size_name,
             "data": args.data if args.data == "sharegpt" else Path(args.data).name,
             "num_examples": args.num_examples, "num_test": args.num_test, "epochs": args.epochs,
@@ -172,7 +209,7 @@ def plan_settings(args, size_name: str, sets: list[str], test_seeds: tuple[int, 
             "sets": [item for item in sets if not item.startswith("runtime.")],
             "pt_corpus": None if args.pt_corpus is None else Path(args.pt_corpus).name,
             "teacher": Path(args.teacher).name,
-            "student": student_key}
+            "student": student_recipe(student, args.student)}
 
 
 def portable_overrides(overrides) -> list[str]:

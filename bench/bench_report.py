@@ -172,8 +172,20 @@ def provenance(paths: list[Path]) -> str:
     machines = sorted({f"{m.get('cpu_cores')} × {m.get('cpu_model')}" + (f", {m['gpu']}" if m.get("gpu") else "")
                        for m in (r["provenance"].get("machine") or {} for r in results)})
     hours = sum(r["provenance"]["wall_seconds"] for r in results) / 3600
+    # Builds of the one student recipe (bench/quality_units.py: STUDENT_NLL_TOLERANCE): weights, held-out NLL.
+    builds = sorted({(sha[:12], nll) for sha, nll in (student_build(r) for r in results) if sha},
+                    key=lambda build: build[0])
+    students = "; ".join(sha + ("" if nll is None else f" (held-out NLL {nll:.6f})") for sha, nll in builds)
     return (f"{len(results)} result files, {hours:.1f} h of unit wall time in all; commits {', '.join(commits)}; "
-            f"machines: {'; '.join(machines)}.")
+            f"machines: {'; '.join(machines)}" + (f"; student builds: {students}" if builds else "") + ".")
+
+
+def student_build(result: dict) -> tuple[str | None, float | None]:
+    """The SHA-256 of the student's weights a result used and its held-out NLL after healing."""
+    student = result.get("student") or {}
+    weights = (student.get("weights") or {}).get("model.safetensors") or {}
+    nll = ((student.get("healing") or {}).get("held_out_nll") or {}).get("student_after")
+    return weights.get("sha256"), nll
 
 
 def table_section(size: str, table: str, rows: list[Row], plots: Path, doc_dir: Path) -> tuple[str, list]:

@@ -316,3 +316,36 @@ def test_a_second_bench_quality_on_the_same_out_stops_in_one_line(tmp_path, caps
         assert "another bench-quality is running in" in capsys.readouterr().err
     with quality_units.exclusive(tmp_path / "out"):  # released on leaving
         pass
+
+
+def _student_manifest(sha: str, nll_after: float) -> dict:
+    return {"dtype": "float32", "layers_kept": [0, 1, 5], "num_layers": 3, "version": 1,
+            "teacher": {"architecture": "LlamaForCausalLM", "num_layers": 6, "source": "/a/machine/path"},
+            "layer_selection": {"rule": "influence", "influence": [0.9, 0.2, 0.01, 0.02, 0.03, 0.4],
+                                "measured_on": {"fingerprint": "f", "held_out_blocks": 4}},
+            "healing": {"settings": {"tokens": 64, "lr": 3e-4}, "corpus": {"fingerprint": "c"}, "tokens_budget": 64,
+                        "held_out_nll": {"student_after": nll_after, "teacher": 2.5}, "train_seconds": 10.0},
+            "weights": {"model.safetensors": {"sha256": sha, "bytes": 8}}}
+
+
+def test_a_rebuilt_student_is_the_same_when_its_recipe_and_held_out_nll_agree(tmp_path):
+    """The same recipe on another CPU gives other weights and an NLL ~1e-5 away: its results are
+    comparable. A student healed differently (another NLL) or of another recipe is not."""
+    here, there = _student_manifest("aa" * 32, 3.465532), _student_manifest("bb" * 32, 3.465521)
+    args = argparse.Namespace(student="/cache/student-20l", teacher="/c/teacher", data="sharegpt", num_examples=8,
+                              num_test=4, epochs=1, sft_epochs=1, pt_corpus=None)
+    settings = [quality_units.plan_settings(args, "cpu", [], (10,), manifest) for manifest in (here, there)]
+    assert settings[0] == settings[1]
+    assert "aa" * 32 not in json.dumps(settings[0]) and "/a/machine/path" not in json.dumps(settings[0])
+    other_layers = {**there, "layers_kept": [0, 1, 4]}
+    assert quality_units.plan_settings(args, "cpu", [], (10,), other_layers)["student"] != settings[0]["student"]
+    result = _write(tmp_path / "sft" / "seed1.json", {"student": here, "settings": settings[0]}, "sft/seed1")
+    teacher = _write(tmp_path / "teacher" / "test-seed10.json", {"test": {}}, "teacher/test-seed10")
+    quality_units.check_student_builds([teacher, result], there)  # within rounding: accepted
+    healed_otherwise = _student_manifest("cc" * 32, 3.4712)
+    with pytest.raises(ValueError, match=r"sft/seed1\.json: made with a student whose held-out NLL after healing "
+                                         r"was 3\.465532, this one's is 3\.471200") as error:
+        quality_units.check_student_builds([teacher, result], healed_otherwise)
+    assert "\n" not in str(error.value)
+    # The report names each build a table's rows used.
+    assert bench_report.provenance([result]).endswith(f"student builds: {'aa' * 6} (held-out NLL 3.465532).")

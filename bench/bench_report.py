@@ -46,6 +46,7 @@ from minillm_rl.evaluation.report import (  # noqa: E402
 )
 from minillm_rl.evaluation.stats import BootstrapConfig, as_array, bootstrap_mean  # noqa: E402
 from minillm_rl.tracking import atomic_write_text, write_atomic  # noqa: E402
+from quality_units import healed_nll  # noqa: E402
 from units import read_result  # noqa: E402
 
 TEACHER = "teacher"
@@ -184,8 +185,7 @@ def student_build(result: dict) -> tuple[str | None, float | None]:
     """The SHA-256 of the student's weights a result used and its held-out NLL after healing."""
     student = result.get("student") or {}
     weights = (student.get("weights") or {}).get("model.safetensors") or {}
-    nll = ((student.get("healing") or {}).get("held_out_nll") or {}).get("student_after")
-    return weights.get("sha256"), nll
+    return weights.get("sha256"), healed_nll(student)
 
 
 def table_section(size: str, table: str, rows: list[Row], plots: Path, doc_dir: Path) -> tuple[str, list]:

@@ -153,16 +153,18 @@ def student_recipe(student: dict | None, path: str) -> dict | str:
             "healing": {key: healing.get(key) for key in ("settings", "corpus", "tokens_budget")}}
 
 
+def healed_nll(student: dict | None) -> float | None:
+    """A student identity's held-out NLL after healing (``None`` for a student never healed)."""
+    return (((student or {}).get("healing") or {}).get("held_out_nll") or {}).get("student_after")
+
+
 def check_student_builds(paths: list[Path], student: dict | None) -> None:
     """Refuse (one-line ``ValueError``) a result in ``paths`` whose student has a held-out NLL after
     healing more than :data:`STUDENT_NLL_TOLERANCE` from ``student``'s: the same recipe built by
     other code. (Another recipe is refused by the settings check.)"""
-    def nll(identity: dict | None):
-        return (((identity or {}).get("healing") or {}).get("held_out_nll") or {}).get("student_after")
-
-    planned = nll(student)
+    planned = healed_nll(student)
     for path in paths:
-        recorded = nll((read_result(path) or {}).get("student"))
+        recorded = healed_nll((read_result(path) or {}).get("student"))
         if planned is not None and recorded is not None and abs(recorded - planned) > STUDENT_NLL_TOLERANCE:
             raise ValueError(f"{path}: made with a student whose held-out NLL after healing was {recorded:.6f}, "
                              f"this one's is {planned:.6f} (tolerance {STUDENT_NLL_TOLERANCE:g}): not the same "

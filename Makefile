@@ -44,9 +44,10 @@ constraints:
 
 # pytest-xdist: 2 workers (one per core; 3 measured no faster and overloaded actor start-up),
 # tests handed out one by one except the xdist_group(s) that share a
-# module fixture; tests/conftest.py orders the longest first.
+# module fixture; tests/conftest.py orders the longest first. The 15 slowest tests are listed at the
+# end, so every run says where the suite's minutes go (the CI budget is 15 minutes, installs included).
 test: install install-launch-deps
-	$(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # The README's test command and .ci/run: the suite in a virtual environment built from nothing
 # (pip's download and wheel cache are reused), so a package the suite needs that setup.py does not

@@ -122,6 +122,13 @@ def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     assert difference == interval_cell(paired_difference(merged, sft_merged).to_dict())
     assert (tmp_path / "a" / "bench-quality-cpu-main.png").read_bytes() != \
         (tmp_path / "b" / "bench-quality-cpu-main.png").read_bytes()
+    # A row with fewer seeds than the baseline is also compared with the baseline's runs of its seeds only.
+    alpha0 = json.loads((size_dir / "minillm-alpha0" / "seed2.json").read_text())["test"]["per_prompt"]["reverse_kl"]
+    same = _cell(changed, "Paired differences against MiniLLM (seed 2): the same training seeds", kl,
+                 "MiniLLM w/o teacher-mixed sampling (1 seed) − MiniLLM (seed 2)")
+    assert same == interval_cell(paired_difference(alpha0, runs[1]).to_dict())
+    assert "Paired differences against SFT (seed 1): the same training seeds" in changed.split("ablations table")[0]
+    assert "against MiniLLM (seeds 1, 2, 3)" not in changed  # a row with every seed of the baseline: no extra table
     # MiniLLM variants of one seed that started from different SFT-init weights are pointed out.
     assert "different SFT-init weights" not in changed
     for prefix, digest in (("minillm", "aa"), ("minillm-alpha0", "bb")):

@@ -95,6 +95,9 @@ METHODS = (
      (*MINILLM, "loss.single_step=false"), ("ablations",)),
 )
 TABLES = ("main", "ablations")
+# The paper's single-step comparison (spec section 4.3): the same gradient estimated with the
+# decomposition (r_t excluded + L_single) and without it (r_t included, no L_single).
+SINGLE_STEP_PAIR = ("minillm-decomposed", "minillm-no-single-step")
 # The SFT run a seed's MiniLLM variants start from (``--sft-epochs`` of SFT, checkpoint of the best
 # validation loss): tested as a reference row (what the MiniLLM phase started from), not a method.
 SFT_INIT = "SFT init"

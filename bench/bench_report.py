@@ -12,7 +12,9 @@ over prompts (a row's seeds averaged prompt by prompt first); paired differences
 ablation table: against MiniLLM). While a row holds fewer training seeds than the baseline's, it is
 also compared with the baseline on its own seeds only: seeds differ by more than the noise of one
 run (MiniLLM's reverse KL per seed here: 0.934, 0.940, 0.903), so a partly filled row against the
-baseline's every seed would mix a seed's effect into the method's. The bootstrap seed is fixed, so the same result files give
+baseline's every seed would mix a seed's effect into the method's. The ablation table also pairs
+the paper's single-step comparison directly (decomposed − without the single-step term, on the
+seeds both hold). The bootstrap seed is fixed, so the same result files give
 byte-identical output. Every row says how many training seeds (and which) it holds. A result file
 that cannot be read is one error line, exit 2, nothing written.
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
-from bench_quality import METHODS, SFT_INIT, TABLES  # noqa: E402
+from bench_quality import METHODS, SFT_INIT, SINGLE_STEP_PAIR, TABLES  # noqa: E402
 from minillm_rl.evaluation.protocol import METRICS, markdown_table  # noqa: E402
 from minillm_rl.evaluation.report import (  # noqa: E402
     ModelScores,
@@ -70,6 +72,12 @@ class Row:
     scores: list[ModelScores]
     curves: RunCurves | None = None
     starts: dict[int, str] = field(default_factory=dict)  # seed -> the SFT-init weights it started from
+    prefix: str = ""  # its result directory (bench_quality.METHODS); the teacher's: empty
+
+    def on_seeds(self, seeds: tuple[int, ...]) -> tuple[str, list[ModelScores]]:
+        """``(label, runs)``: this row's runs of ``seeds`` only, named for them."""
+        label = f"{self.label.rsplit(' (', 1)[0]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        return label, [replace(scores, name=label) for seed, scores in zip(self.seeds, self.scores) if seed in seeds]
 
 
 def _result_files(directory: Path, prefix: str) -> list[tuple[int, Path]]:
@@ -116,7 +124,7 @@ def read_rows(size_dir: Path, table: str) -> list[Row]:
         starts = {seed: json.dumps(result["init"]["weights"], sort_keys=True)
                   for (seed, _), (_, result) in zip(files, loaded) if isinstance(result.get("init"), dict)}
         rows.append(Row(label, [seed for seed, _ in files], [scores for scores, _ in loaded],
-                        RunCurves(f"{name} seed {files[0][0]}", series), starts))
+                        RunCurves(f"{name} seed {files[0][0]}", series), starts, prefix))
     return rows
 
 
@@ -142,11 +150,26 @@ def same_seed_differences(rows: list[Row], baseline: Row) -> list[tuple[str, str
             by_seeds.setdefault(seeds, []).append(row)
     tables = []
     for seeds, same in by_seeds.items():
-        label = f"{baseline.label.split(' (')[0]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
-        runs = [replace(scores, name=label) for seed, scores in zip(baseline.seeds, baseline.scores) if seed in seeds]
+        label, runs = baseline.on_seeds(seeds)
         _, differences = metric_tables([*runs, *(scores for row in same for scores in row.scores)], label, BOOTSTRAP)
         tables.append((label, differences))
     return tables
+
+
+def single_step_pair(rows: list[Row]) -> tuple[str, str] | None:
+    """``(heading, differences table)`` of :data:`SINGLE_STEP_PAIR` on the training seeds both rows
+    hold (``None`` without such a seed)."""
+    by_prefix = {row.prefix: row for row in rows}
+    if not all(prefix in by_prefix for prefix in SINGLE_STEP_PAIR):
+        return None
+    with_term, without = (by_prefix[prefix] for prefix in SINGLE_STEP_PAIR)
+    seeds = tuple(seed for seed in with_term.seeds if seed in without.seeds)
+    if not seeds:
+        return None
+    (_, with_runs), (label, without_runs) = with_term.on_seeds(seeds), without.on_seeds(seeds)
+    _, differences = metric_tables([*with_runs, *without_runs], label, BOOTSTRAP)
+    return f"the paper's single-step comparison, on training seed{'s' if len(seeds) > 1 else ''} " \
+           f"{', '.join(map(str, seeds))}", differences
 
 
 def summary_table(rows: list[Row]) -> str:
@@ -232,6 +255,9 @@ def table_section(size: str, table: str, rows: list[Row], plots: Path, doc_dir: 
         parts += [f"\n### Paired differences against {baseline}\n", differences]
         for label, same in same_seed_differences(rows, baseline_row):
             parts += [f"\n### Paired differences against {label}: the same training seeds\n", same]
+        pair = single_step_pair(rows) if table == "ablations" else None
+        if pair:
+            parts += [f"\n### Paired differences: {pair[0]}\n", pair[1]]
     parts.append(f"\n![{stem}]({link(stem + '.png')})" + (f" ![{stem} curves]({link(stem + '-curves.png')})"
                                                             if curves else ""))
     mixed = mixed_starts(rows)

@@ -56,7 +56,8 @@ def write_synthetic_results(root: Path, seeds_by_prefix: dict[str, list[int]]) -
     for seed in (10, 20):
         _write(size_dir / "teacher" / f"test-seed{seed}.json", {"test": _test(rng, 0.0, [seed])},
                f"teacher/test-seed{seed}")
-    offsets = {"sft": 2.0, "kd": 1.8, "minillm": 1.5, "minillm-alpha0": 1.7, "sft-init": 2.1}
+    offsets = {"sft": 2.0, "kd": 1.8, "minillm": 1.5, "minillm-alpha0": 1.7, "sft-init": 2.1,
+               "minillm-decomposed": 1.5, "minillm-no-single-step": 1.6}
     for prefix, seeds in seeds_by_prefix.items():
         for seed in seeds:
             curves = {"minillm": {CURVE_PANELS[1][1]: [[step, 2.0 - 0.1 * step] for step in range(5)]}}
@@ -85,7 +86,8 @@ def _cell(text: str, section: str, metric: str, column: str) -> str:
 def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     results = tmp_path / "results"
     size_dir = write_synthetic_results(results, {"sft": [1, 2], "kd": [1], "minillm": [1, 2, 3],
-                                                 "minillm-alpha0": [2], "sft-init": [1, 2, 3]})
+                                                 "minillm-alpha0": [2], "sft-init": [1, 2, 3],
+                                                 "minillm-decomposed": [1, 3], "minillm-no-single-step": [2, 3]})
     first = _report(results, tmp_path / "a" / "results.md")
     second = _report(results, tmp_path / "b" / "results.md")
     assert first == second  # same files -> byte-identical tables and plots
@@ -129,6 +131,13 @@ def test_tables_are_a_function_of_the_result_files_alone(tmp_path):
     assert same == interval_cell(paired_difference(alpha0, runs[1]).to_dict())
     assert "Paired differences against SFT (seed 1): the same training seeds" in changed.split("ablations table")[0]
     assert "against MiniLLM (seeds 1, 2, 3)" not in changed  # a row with every seed of the baseline: no extra table
+    # The paper's single-step pair, paired directly on the seeds both hold.
+    pair = [json.loads((size_dir / prefix / "seed3.json").read_text())["test"]["per_prompt"]["reverse_kl"]
+            for prefix in ("minillm-decomposed", "minillm-no-single-step")]
+    assert _cell(changed, "the paper's single-step comparison, on training seed 3", kl,
+                 "MiniLLM, r_t only in the single-step term (decomposed) (seed 3) − "
+                 "MiniLLM, r_t in the reward-to-go, w/o single-step term (seed 3)") == \
+        interval_cell(paired_difference(*pair).to_dict())
     # MiniLLM variants of one seed that started from different SFT-init weights are pointed out.
     assert "different SFT-init weights" not in changed
     for prefix, digest in (("minillm", "aa"), ("minillm-alpha0", "bb")):

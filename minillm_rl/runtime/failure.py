@@ -84,6 +84,23 @@ def describe(error: BaseException, rank: int) -> str:
     return _one_line(f"rank {rank}: {what} ({_where(error)})")
 
 
+def write_hint(error: BaseException, output_dir: str | os.PathLike) -> str:
+    """What a failed ``torch.save`` most likely means, with the free space under ``output_dir``:
+    torch's zip writer reports a full disk without an errno (``[enforce fail at
+    inline_container.cc:672] . unexpected pos 128 vs 0``), so the rank that hits it first would
+    otherwise report no cause a user can act on. Empty for any other error."""
+    if not (isinstance(error, RuntimeError) and "inline_container.cc" in str(error)):
+        return ""
+    existing = Path(output_dir).resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return ""
+    return f"; torch could not write a file under {output_dir} ({free} bytes free there: a full disk?)"
+
+
 def failure_line(record: dict, output_dir: str | os.PathLike, logs: str) -> str:
     checkpoint = last_good_checkpoint(output_dir)
     return f"{record['what']}; last good checkpoint: {checkpoint or 'none'}; tracebacks: {logs}"
@@ -106,7 +123,7 @@ def rank_failures(output_dir: str | os.PathLike, rank: int) -> Iterator[None]:
     except ValueError:
         raise  # bad input: its own one-line report, exit 2
     except Exception as error:  # noqa: BLE001 - every failure of a rank is reported, as one line
-        record = {"time": time.time(), "rank": rank, "type": type(error).__name__, "what": describe(error, rank)}
+        record = {"time": time.time(), "rank": rank, "type": type(error).__name__, "what": describe(error, rank) + write_hint(error, output_dir)}
         trace = "".join(traceback.format_exception(error))
         failure_dir = os.environ.get(FAILURE_DIR_ENV)
         if failure_dir:

@@ -76,8 +76,13 @@ class Row:
 
     def on_seeds(self, seeds: tuple[int, ...]) -> tuple[str, list[ModelScores]]:
         """``(label, runs)``: this row's runs of ``seeds`` only, named for them."""
-        label = f"{self.label.rsplit(' (', 1)[0]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        label = f"{self.label.rsplit(' (', 1)[0]} ({seeds_text(seeds)})"
         return label, [replace(scores, name=label) for seed, scores in zip(self.seeds, self.scores) if seed in seeds]
+
+
+def seeds_text(seeds: tuple[int, ...]) -> str:
+    """``"seed 2"`` / ``"seeds 2, 3"``."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def _result_files(directory: Path, prefix: str) -> list[tuple[int, Path]]:
@@ -168,8 +173,7 @@ def single_step_pair(rows: list[Row]) -> tuple[str, str] | None:
         return None
     (_, with_runs), (label, without_runs) = with_term.on_seeds(seeds), without.on_seeds(seeds)
     _, differences = metric_tables([*with_runs, *without_runs], label, BOOTSTRAP)
-    return f"the paper's single-step comparison, on training seed{'s' if len(seeds) > 1 else ''} " \
-           f"{', '.join(map(str, seeds))}", differences
+    return f"the paper's single-step comparison, on training {seeds_text(seeds)}", differences
 
 
 def summary_table(rows: list[Row]) -> str:

@@ -111,4 +111,6 @@ def test_a_full_disk_on_one_of_two_ranks_reads_as_one_failure_line(full_disk, tm
     assert "Traceback" not in output and "Connection closed" not in output
     kept = Path(ours[0].split("tracebacks: ")[1].split(" ")[0]).parent
     assert f"rank{first.group(1)}.traceback" in {p.name for p in kept.glob("rank*.traceback")}
+    failed_first = (kept / f"rank{first.group(1)}.traceback").read_text()
+    assert "No space left on device" in failed_first or "inline_container.cc" in failed_first
     subprocess.run(["rm", "-rf", str(kept)], check=False)

@@ -123,7 +123,8 @@ def rank_failures(output_dir: str | os.PathLike, rank: int) -> Iterator[None]:
     except ValueError:
         raise  # bad input: its own one-line report, exit 2
     except Exception as error:  # noqa: BLE001 - every failure of a rank is reported, as one line
-        record = {"time": time.time(), "rank": rank, "type": type(error).__name__, "what": describe(error, rank) + write_hint(error, output_dir)}
+        record = {"time": time.time(), "rank": rank, "type": type(error).__name__,
+                  "what": describe(error, rank) + write_hint(error, output_dir)}
         trace = "".join(traceback.format_exception(error))
         failure_dir = os.environ.get(FAILURE_DIR_ENV)
         if failure_dir:

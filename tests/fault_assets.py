@@ -1,5 +1,5 @@
 """Faults on demand for tests/test_faults.py, importable inside Ray actors (the tests put this
-directory on the actors' PYTHONPATH): a student whose forward is slow, and a replay store that
+directory on the actors' PYTHONPATH): a student whose forward is slow, or its loading, and a replay store that
 SIGKILLs a process (itself or a worker) at a chosen call, once."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tiny_assets import tiny_llama
@@ -30,6 +31,12 @@ def slow_llama(vocab_size: int, delay_s: float) -> SlowLlama:
     model = SlowLlama(tiny_llama(vocab_size, 1, 1, 0.1).config).float().eval()
     model.delay_s = delay_s
     return model
+
+
+def slow_to_load(delay_s: float, load: Callable[[], Any]) -> Any:
+    """``load()`` after sleeping ``delay_s``: a model that is slow to load (a worker slow to start)."""
+    time.sleep(delay_s)
+    return load()
 
 
 class KillingStore(ReplayBuffer):

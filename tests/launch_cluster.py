@@ -173,6 +173,10 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# The main scheduling loop every second, not every 60 s: a requeued job released by
+# `scontrol update StartTime=now+5` starts when the next loop sees it (a submission is scheduled at
+# once either way). With the default the requeue test waited ~60 s for it.
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

@@ -30,12 +30,13 @@ import torch
 from minillm_rl.runtime.rounds import canonical_order, check_one_policy_version, concat_rollouts
 from minillm_rl.runtime.replay import make_replay_store_actor
 from minillm_rl.runtime.rollout.client import RolloutClient, WorkerCalls
+from minillm_rl.runtime.rollout.fleet import wait_until_started
 from minillm_rl.algorithm.sampler import SamplingConfig
 from minillm_rl.runtime.rollout.worker import call_with_timeout, make_rollout_worker
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from fault_assets import KillingStore, slow_llama  # noqa: E402
+from fault_assets import KillingStore, slow_llama, slow_to_load  # noqa: E402
 from test_train_e2e import REPO, _train_command, assets  # noqa: E402,F401  (assets is a fixture)
 from tiny_assets import tiny_llama, tiny_tokenizer  # noqa: E402
 
@@ -277,20 +278,38 @@ def test_stuck_worker_times_out_naming_the_worker_and_the_call(local_ray, learne
     assert not alive, f"the stuck worker's process {process.pid} survived ray.kill"
 
 
+def test_a_worker_slow_to_start_fails_the_start_wait_naming_it(local_ray):
+    teacher = functools.partial(tiny_llama, VOCAB, 2, 0, 0.3)
+    student = functools.partial(slow_to_load, 3600.0, functools.partial(tiny_llama, VOCAB, 1, 1, 0.3))
+    slow = make_rollout_worker(teacher, student, threads=1, seed=0, name="rollout-worker-slow")
+    store = _store()
+    call_with_timeout(store.stats.remote(), TIMEOUT_S, "stats")  # the store has started: only the worker is late
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^rollout-worker-slow did not start within 3 s "
+                                           r"\(runtime\.actor_start_timeout_s\)$"):
+        wait_until_started({"rollout-worker-slow": slow.policy_version.remote(), "the replay store": store.stats.remote()},
+                           3.0)
+    assert time.monotonic() - started < 30
+    ray.kill(slow, no_restart=True)
+    ray.kill(store)
+
+
 def test_stuck_worker_fails_the_run_with_one_line_and_leaves_no_process(assets, tmp_path):
     """A `minillm-rl train` whose rollout workers hang in generate (injected by
     tests/hang_injection/sitecustomize.py): exit 1, the cause as one line, and no process that
     inherited the run's environment (Ray's gcs, raylet, actors...) outlives it. The actors did
-    inherit it: the hang, injected the same way, is what timed out."""
+    inherit it: the hang, injected the same way, is what timed out.
+
+    The workers also take longer to start than rpc_timeout_s: their start has its own limit
+    (runtime.actor_start_timeout_s), so the run still gets as far as the hung generate."""
     out = tmp_path / "run"
     # A Ray of the run's own (the actors get the injected hang through its environment).
     args, env = _train_command(assets, out, "runtime.num_learners=1", "train.phases=[minillm]",
-                               "runtime.ray_address=local",
-                               # Long enough for every actor to start on a loaded 2-core machine (the
-                               # replay store's first call took > 20 s beside a parallel test run).
-                               "runtime.rpc_timeout_s=45")
+                               "runtime.ray_address=local", "runtime.rpc_timeout_s=8",
+                               "runtime.actor_start_timeout_s=240")
     marker = uuid.uuid4().hex
-    env = {**env, "MINILLM_TEST_HANG_GENERATE_S": "3600", "MINILLM_TEST_RUN": marker,
+    env = {**env, "MINILLM_TEST_HANG_GENERATE_S": "3600", "MINILLM_TEST_SLOW_START_S": "10",
+           "MINILLM_TEST_RUN": marker,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS / "hang_injection"), env.get("PYTHONPATH")]))}
     result = subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -299,7 +318,7 @@ def test_stuck_worker_fails_the_run_with_one_line_and_leaves_no_process(assets, 
     messages = re.findall(r"minillm-rl: [^\r\n]*", result.stderr)
     assert len(messages) == 1 and re.fullmatch(
         r"minillm-rl: run failed: rank 0: rollout-worker-[01]\.generate_into\(round 0, shard [01]\) did not finish "
-        r"within 45 s \(minillm_rl/\S+:\d+ in \w+\); last good checkpoint: none; tracebacks: \S+rank0\.traceback",
+        r"within 8 s \(minillm_rl/\S+:\d+ in \w+\); last good checkpoint: none; tracebacks: \S+rank0\.traceback",
         messages[0]), result.stderr[-3000:]
 
     def of_this_run(process: psutil.Process) -> bool:

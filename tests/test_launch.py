@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,23 +257,13 @@ def _wait_for_end(job_id: str, env: dict[str, str], log: Path) -> dict[str, str]
 
 
 @needs_root_and_apt
-def test_slurm_batch_job_runs_to_the_end(slurm, assets, tmp_path, ray_tmp):
+def test_slurm_job_runs_checkpoints_on_usr1_requeues_and_resumes_to_the_end(slurm, assets, tmp_path, ray_tmp):
+    """One batch job through its whole life: Ray and 2 learner ranks start, USR1 (Slurm's warning
+    before the time limit) makes them checkpoint and exit 3, the script requeues the job, and the
+    requeued job resumes and runs to the end. (One job, not a plain run plus a requeued one: the
+    requeued job is a plain run from its checkpoint on, and each job costs ~40 s of CI.)"""
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = {**_run_env(slurm, ray_tmp), "LEARNERS_PER_NODE": "2"}
-    job_id = _sbatch(env, log, RECIPE, *_recipe_overrides(assets, out))
-    fields = _wait_for_end(job_id, env, log)
-    text = log.read_text()
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-6000:]
-    _assert_finished(out, world_size=2)
-    assert f"slurm_minillm.sbatch: job {job_id} (restart 0) on 1 node(s)" in text
-    assert "ray_cluster.sh: 1 Ray node(s) alive" in text and "learners exited with code 0" in text
-    assert "stopping Ray" in text
-
-
-@needs_root_and_apt
-def test_slurm_usr1_checkpoints_requeues_and_resumes(slurm, assets, tmp_path, ray_tmp):
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    env = {**_run_env(slurm, ray_tmp), "LEARNERS_PER_NODE": "1"}
     job_id = _sbatch(env, log, RECIPE, *_recipe_overrides(assets, out))
     poll(lambda: any(r.get("stage") == "sft" and "loss" in r for r in _metrics(out)), RUN_TIMEOUT_S,
          "a first SFT step in metrics.jsonl", interval_s=1)
@@ -292,9 +283,15 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(slurm, assets, tmp_path, ra
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (requeued, fields, text[-6000:])
     assert fields["Restarts"] == "1", text[-6000:]
     assert "got SIGUSR1; forwarding it to the learners" in text
-    assert "learners exited with code 3" in text and f"requeueing job {job_id}" in text
-    assert f"slurm_minillm.sbatch: job {job_id} (restart 1)" in text
-    _assert_finished(out, world_size=1)
+    # Each rank checkpoints and exits 3 after a last barrier; srun's --kill-on-bad-exit then stops
+    # a rank that is still exiting, so the step's code is 3 or that rank's SIGTERM (143). Both are
+    # a checkpointed stop: the metrics below show the requeued job resumed from it.
+    assert re.search(rf"learners exited with code (3|143) after SIGUSR1; requeueing job {job_id} ", text), text[-6000:]
+    assert f"slurm_minillm.sbatch: job {job_id} (restart 0) on 1 node(s)" in text
+    assert f"slurm_minillm.sbatch: job {job_id} (restart 1) on 1 node(s)" in text
+    assert "ray_cluster.sh: 1 Ray node(s) alive" in text and "learners exited with code 0" in text
+    assert text.count("stopping Ray") == 2  # after each of the two runs
+    _assert_finished(out, world_size=2)
     # The requeued job resumed from the checkpoint: every SFT step and MiniLLM round was logged once.
     records = _metrics(out)
     assert [r["step"] for r in records if r["stage"] == "sft" and "loss" in r] == list(range(1, SFT_STEPS + 1))

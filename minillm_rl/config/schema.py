@@ -263,6 +263,9 @@ class RuntimeConfig:
     rpc_timeout_s: float = option(600.0, "seconds a rollout shard or a replay store call may take before it "
                                          "counts as failed",
                                   low=0.0, low_open=True)
+    actor_start_timeout_s: float = option(1800.0, "seconds the rollout workers (loading the teacher and a student "
+                                                  "copy) and the replay store may take to start; not part of "
+                                                  "rpc_timeout_s", low=0.0, low_open=True)
     collective_timeout_s: float = option(1800.0, "seconds a torch.distributed collective may wait",
                                          low=0.0, low_open=True)
     weight_sync_timeout_s: float = option(600.0, "seconds a weight broadcast to the rollout workers may take",

@@ -1,7 +1,8 @@
 """Test-only fault injection for tests/test_faults.py: with this directory on ``PYTHONPATH`` and
 ``MINILLM_TEST_HANG_GENERATE_S`` set, every process (Ray actors inherit both from the run that
 starts Ray) patches ``RolloutWorker.generate`` to sleep that long first: a stuck rollout worker
-without a hook in the production code. Python imports ``sitecustomize`` at start-up; the patch is
+without a hook in the production code. ``MINILLM_TEST_SLOW_START_S`` likewise delays the worker's
+constructor (a teacher that is slow to load). Python imports ``sitecustomize`` at start-up; the patch is
 applied when ``minillm_rl.runtime.rollout.worker`` is first imported."""
 
 import importlib.abc
@@ -12,6 +13,7 @@ import time
 
 _MODULE = "minillm_rl.runtime.rollout.worker"
 _DELAY = os.environ.get("MINILLM_TEST_HANG_GENERATE_S")
+_START_DELAY = os.environ.get("MINILLM_TEST_SLOW_START_S")
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -31,6 +33,13 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
                 return generate(self, *args, **kwargs)
 
             module.RolloutWorker.generate = sleeping_generate
+            init = module.RolloutWorker.__init__
+
+            def slow_init(self, *args, **kwargs):
+                time.sleep(float(_START_DELAY or 0))
+                init(self, *args, **kwargs)
+
+            module.RolloutWorker.__init__ = slow_init
 
         spec.loader.exec_module = exec_module
         return spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 
@@ -36,9 +37,33 @@ def warn_if_overlapped_roles_contend(cfg: RunConfig) -> None:
                  f"and runtime.learner_threads")
 
 
+def wait_until_started(first_calls: dict[str, Any], timeout_s: float) -> None:
+    """Wait for one call per actor (name -> reference), which Ray runs after the actor's
+    constructor, so all have started; a constructor's error is raised as its one line.
+
+    Raises:
+        TimeoutError: naming every actor not started within ``timeout_s``.
+        ActorDied: an actor's constructor failed.
+    """
+    import ray
+
+    names, refs = list(first_calls), list(first_calls.values())
+    _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if late:
+        raise TimeoutError(f"{', '.join(name for name, ref in zip(names, refs) if ref in late)} did not start "
+                           f"within {timeout_s:g} s (runtime.actor_start_timeout_s)")
+    call_with_timeout(refs, timeout_s, f"starting {', '.join(names)}")
+
+
 class RolloutFleet:
     """``workers`` (Ray ``RolloutWorker`` actors, teacher + student copy each) and ``replay`` (the
-    ``ReplayStore`` actor), on a Ray this process joined or started (``runtime.ray_address``)."""
+    ``ReplayStore`` actor), on a Ray this process joined or started (``runtime.ray_address``).
+
+    Creating an actor returns at once; its constructor (loading the teacher) runs in the background
+    while the learners build their engines. The first use of ``workers`` or ``replay`` waits for every
+    actor to have started, within ``runtime.actor_start_timeout_s``: a slow load (a 13B teacher from
+    a network disk) is then not charged to the first call's ``rpc_timeout_s``, which can stay as short
+    as a shard needs."""
 
     def __init__(self, cfg: RunConfig):
         import ray
@@ -46,8 +71,8 @@ class RolloutFleet:
         from minillm_rl.runtime.replay import make_replay_store_actor
 
         runtime, model = cfg.runtime, cfg.model
-        self.rpc_timeout_s = runtime.rpc_timeout_s
-        self._ray_started = False
+        self.rpc_timeout_s, self.start_timeout_s = runtime.rpc_timeout_s, runtime.actor_start_timeout_s
+        self._ray_started = self._actors_started = False
         warn_if_overlapped_roles_contend(cfg)
         if runtime.ray_address == "local":
             ray.init(num_cpus=runtime.num_rollout_workers * runtime.worker_threads, include_dashboard=False,
@@ -62,12 +87,30 @@ class RolloutFleet:
         gpus = f", {runtime.worker_gpus:g} GPU(s) each" if runtime.worker_gpus else ""
         print(f"minillm-rl: starting {runtime.num_rollout_workers} Ray rollout worker(s) (teacher + student copy "
               f"each, {runtime.worker_threads} thread(s){gpus}) and the replay store", flush=True)
-        self.workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
-                                            seed=cfg.train.seed, name=f"rollout-worker-{i}",
-                                            num_gpus=runtime.worker_gpus,
-                                            device="cuda" if runtime.worker_gpus else "cpu")
-                        for i in range(runtime.num_rollout_workers)]
-        self.replay = make_replay_store_actor(runtime.replay_max_samples, runtime.replay_max_bytes)
+        self._workers = [make_rollout_worker(teacher, student, tokenizer, threads=runtime.worker_threads,
+                                             seed=cfg.train.seed, name=f"rollout-worker-{i}",
+                                             num_gpus=runtime.worker_gpus,
+                                             device="cuda" if runtime.worker_gpus else "cpu")
+                         for i in range(runtime.num_rollout_workers)]
+        self._replay = make_replay_store_actor(runtime.replay_max_samples, runtime.replay_max_bytes)
+        self._names = [f"rollout-worker-{i}" for i in range(len(self._workers))] + ["the replay store"]
+
+    def _wait_started(self) -> None:
+        """Once: every actor's constructor has returned."""
+        if not self._actors_started:
+            calls = [worker.policy_version.remote() for worker in self._workers] + [self._replay.stats.remote()]
+            wait_until_started(dict(zip(self._names, calls)), self.start_timeout_s)
+            self._actors_started = True
+
+    @property
+    def workers(self) -> list:
+        self._wait_started()
+        return self._workers
+
+    @property
+    def replay(self):
+        self._wait_started()
+        return self._replay
 
     def replay_counters(self) -> dict[str, int]:
         """The replay store's counters, saved in checkpoints."""
@@ -84,8 +127,8 @@ class RolloutFleet:
         they would outlive this process otherwise) and shut down a Ray this run started."""
         import ray
 
-        for actor in [*self.workers, *([self.replay] if self.replay is not None else [])]:
+        for actor in [*self._workers, *([self._replay] if self._replay is not None else [])]:
             ray.kill(actor, no_restart=True)
-        self.workers, self.replay = [], None
+        self._workers, self._replay = [], None
         if self._ray_started:
             ray.shutdown()

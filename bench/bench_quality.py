@@ -77,7 +77,7 @@ from quality_units import (  # noqa: E402
     run_status,
     student_identity,
 )
-from units import run_units  # noqa: E402
+from units import RESULTS, run_units  # noqa: E402
 
 MINILLM = ("train.phases=[minillm]",)
 # (row name, run directory prefix, overrides, tables) of every method, in table order.
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", choices=TABLES, default="main", help="main (methods) or ablations")
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu (2 cores, hours) or gpu (one GPU)")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results",
+    parser.add_argument("--results", type=Path, default=RESULTS,
                         help="where the unit result files are written (default: bench/results)")
     parser.add_argument("--out", type=Path, default=None, help="checkpoints, data, logs (default: "
                         "<MINILLM_RL_CACHE>/bench_quality/SIZE)")

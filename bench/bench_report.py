@@ -52,7 +52,7 @@ from minillm_rl.evaluation.report import (  # noqa: E402
 from minillm_rl.evaluation.stats import BootstrapConfig, as_array, bootstrap_mean  # noqa: E402
 from minillm_rl.tracking import atomic_write_text, write_atomic  # noqa: E402
 from quality_units import healed_nll  # noqa: E402
-from units import read_result  # noqa: E402
+from units import RESULTS, read_result  # noqa: E402
 
 TEACHER = "teacher"
 BOOTSTRAP = BootstrapConfig()  # the project's defaults: fixed seed, so the output is reproducible
@@ -297,7 +297,7 @@ def build(results: Path, out: Path, plots: Path) -> tuple[str, list]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "bench-quality.md")
     parser.add_argument("--plots", type=Path, default=None, help="where the PNGs go (default: next to --out)")
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ from minillm_rl.tracking import atomic_write_json
 RESULT_FORMAT = "minillm-rl bench unit"
 RESULT_VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"  # where the units' result files are committed
 UNIT_MINUTES = 40  # what a unit is sized for: an interrupted session loses at most this much work
 
 
@@ -111,11 +112,13 @@ def _git(*args: str) -> str:
 
 
 def git_state() -> dict[str, Any]:
-    """``{"commit", "dirty", "diff_sha256"}`` of the repository (tracked files only; untracked ones,
-    such as new result files, do not make it dirty); ``commit`` is ``None`` outside a git checkout."""
+    """``{"commit", "dirty", "diff_sha256"}`` of the code: tracked files, except the result files
+    under ``bench/results/`` — they are outputs, and a re-run unit's replaced file is still uncommitted
+    when the next unit starts (untracked files, such as new result files, never count); ``commit`` is
+    ``None`` outside a git checkout."""
     try:
         commit = _git("rev-parse", "HEAD").strip()
-        diff = _git("diff", "HEAD", "--binary")
+        diff = _git("diff", "HEAD", "--binary", "--", ".", f":(exclude){RESULTS.relative_to(REPO).as_posix()}")
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "diff_sha256": None}
     return {"commit": commit, "dirty": bool(diff),

@@ -8,6 +8,7 @@ import argparse
 import json
 import random
 import re
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -238,6 +239,29 @@ def test_a_failing_unit_stops_the_run_and_keeps_what_landed_before_it(tmp_path):
     assert calls == ["a"] and (tmp_path / "a.json").is_file() and not (tmp_path / "b.json").exists()
     assert lines[-2:] == ["[2/3] b: stopped after 0.0 min; no result written",
                           "units: 1 done now, 0 already done, 0 skipped for budget, 0 blocked by those, 2 remaining"]
+
+
+def test_a_replaced_result_file_does_not_make_the_next_unit_dirty_but_a_code_change_does(tmp_path, monkeypatch):
+    """A re-run unit replaces a committed result file; the next unit starts before it is committed,
+    and must still record the code as clean (minillm-alpha0/seed1.json says "+dirty" for this alone)."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "a.json").write_text("{}")
+    (tmp_path / "bench" / "units.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    monkeypatch.setattr(units, "REPO", tmp_path)
+    monkeypatch.setattr(units, "RESULTS", tmp_path / "bench" / "results")
+    (tmp_path / "bench" / "results" / "a.json").write_text('{"replaced": true}')
+    (tmp_path / "bench" / "results" / "b.json").write_text("{}")
+    state = units.git_state()
+    assert state["dirty"] is False and state["diff_sha256"] is None and len(state["commit"]) == 40
+    (tmp_path / "bench" / "units.py").write_text("x = 2\n")
+    state = units.git_state()
+    assert state["dirty"] is True and len(state["diff_sha256"]) == 64
 
 
 def test_a_corrupt_result_file_stops_the_run_before_any_work(tmp_path):

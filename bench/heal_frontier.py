@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from minillm_rl.cli import quiet_progress_bars_off_a_terminal  # noqa: E402
 from minillm_rl.layer_selection import SELECTION_RULES  # noqa: E402
 from minillm_rl.tracking import atomic_write_text  # noqa: E402
-from units import Unit, read_result, run_units  # noqa: E402
+from units import RESULTS, Unit, read_result, run_units  # noqa: E402
 
-RESULTS = REPO / "bench" / "results" / "frontier"
+FRONTIER_RESULTS = RESULTS / "frontier"
 TEACHER_LAYERS = 30
 # Healing tokens/s measured here (idle, 2 cores) for a 6-layer student with the 30-layer teacher: 376.
 # A token costs one teacher forward (30 layer-passes) plus the student's forward and backward (~3 per
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit that cannot finish in it")
     parser.add_argument("--dry-run", action="store_true", help="say which units would run, run none")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the result files")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"result files (default {RESULTS})")
+    parser.add_argument("--results", type=Path, default=FRONTIER_RESULTS,
+                        help=f"result files (default {FRONTIER_RESULTS})")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="report directory (default docs/results)")
     args = parser.parse_args(argv)
     if args.points < 1 or any(t < 1 for t in args.tokens) or any(not 1 <= k <= TEACHER_LAYERS for k in args.layers):
